@@ -1,0 +1,62 @@
+"""Device and account removal: a device that is gone has nothing left to learn.
+
+Each request goes to the homeserver first; only its 200 changes the store, so a
+user-interactive-auth round trip (401 with flows) or a refusal changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from .account_data import caller
+from .context import Context
+from .identity import Requester
+
+
+async def _forward_then(
+    ctx: Context, request: web.Request, body: bytes | None, on_success: list[str] | None, requester: Requester
+) -> web.StreamResponse:
+    async with ctx.upstream.open(request, body=body) as upstream:
+        if upstream.status == 200:
+            if on_success is None:
+                await ctx.store.remove_all_devices(requester.user_id)
+                ctx.identity.forget_user(requester.user_id)
+            else:
+                await ctx.store.remove_devices(requester.user_id, on_success)
+        return await ctx.upstream.relay(request, upstream)
+
+
+async def delete_device(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+    requester = await caller(ctx, request)
+    return await _forward_then(ctx, request, await request.read(), [params["device_id"]], requester)
+
+
+async def delete_devices(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+    requester = await caller(ctx, request)
+    raw = await request.read()
+    try:
+        listed = json.loads(raw).get("devices")
+        devices = [d for d in listed if isinstance(d, str)] if isinstance(listed, list) else []
+    except (ValueError, AttributeError):
+        devices = []  # the homeserver will refuse it, and nothing changes
+    return await _forward_then(ctx, request, raw, devices, requester)
+
+
+async def logout(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+    requester = await caller(ctx, request)
+    gone = [requester.device_id] if requester.device_id is not None else []
+    response = await _forward_then(ctx, request, await request.read(), gone, requester)
+    ctx.identity.forget_user(requester.user_id) if response.status == 200 else None
+    return response
+
+
+async def logout_all(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+    requester = await caller(ctx, request)
+    return await _forward_then(ctx, request, await request.read(), None, requester)
+
+
+async def deactivate(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+    requester = await caller(ctx, request)
+    return await _forward_then(ctx, request, await request.read(), None, requester)

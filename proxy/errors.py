@@ -1,0 +1,71 @@
+"""Matrix errors, built in one place.
+
+Handlers raise `MatrixError`; the error middleware in `app.py` turns it into
+`{"errcode": ..., "error": ...}` with the status Synapse would use. `RelayedResponse`
+carries a homeserver answer that must reach the client exactly as it came
+(a 401 from whoami, a failed upstream write).
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+M_FORBIDDEN = "M_FORBIDDEN"
+M_NOT_FOUND = "M_NOT_FOUND"
+M_BAD_JSON = "M_BAD_JSON"
+M_NOT_JSON = "M_NOT_JSON"
+M_INVALID_PARAM = "M_INVALID_PARAM"
+M_UNRECOGNIZED = "M_UNRECOGNIZED"
+M_UNKNOWN = "M_UNKNOWN"
+M_TOO_LARGE = "M_TOO_LARGE"
+M_MISSING_TOKEN = "M_MISSING_TOKEN"
+
+
+class MatrixError(Exception):
+    def __init__(self, status: int, errcode: str, message: str) -> None:
+        super().__init__(f"{status} {errcode}: {message}")
+        self.status = status
+        self.errcode = errcode
+        self.message = message
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.errcode, self.message)
+
+
+class RelayedResponse(Exception):
+    """A homeserver response to hand back to the client unchanged."""
+
+    def __init__(self, status: int, body: bytes, content_type: str | None) -> None:
+        super().__init__(f"relayed upstream {status}")
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+    def response(self) -> web.Response:
+        headers = CIMultiDict()
+        if self.content_type:
+            headers["Content-Type"] = self.content_type
+        return web.Response(status=self.status, body=self.body, headers=headers)
+
+
+def error_response(status: int, errcode: str, message: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps({"errcode": errcode, "error": message}).encode(),
+        content_type="application/json",
+    )
+
+
+def bad_gateway(message: str = "The homeserver could not be reached") -> MatrixError:
+    return MatrixError(502, M_UNKNOWN, message)
+
+
+def gateway_timeout(message: str = "The homeserver took too long to answer") -> MatrixError:
+    return MatrixError(504, M_UNKNOWN, message)
+
+
+def unrecognized(status: int = 404) -> MatrixError:
+    return MatrixError(status, M_UNRECOGNIZED, "Unrecognized request")

@@ -1,0 +1,515 @@
+"""The proxy's own SQLite file: tombstones and per-device deletion state.
+
+Tables (see `MIGRATIONS`):
+- `account_data_tombstones`: one row per delete; its `stream_id` is unique across
+  global and room account data. `state` is 'pending' while the homeserver write is
+  under way (an intent: a crash leaves it for `reconcile` to settle) and 'done' after.
+- `account_data_unsynced_deletes`: the design brief's table, one row per device that
+  has not yet seen a delete. The brief's foreign keys point at homeserver tables that
+  this file does not have, so they are omitted.
+- `sync_deliveries`: which deletes a `/sync` response carried to a device, keyed by
+  that response's `next_batch`, so that a later request with `since=next_batch`
+  proves receipt.
+
+All writes go through one connection, one transaction at a time. An in-memory
+index of which devices have rows lets `/sync` for everyone else skip the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    """The store cannot be used (unreadable, newer schema, ...); one line for the operator."""
+
+
+# Each entry moves the schema from version N-1 to N (N = position + 1); applied in order
+# inside one transaction each and recorded in `PRAGMA user_version`.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE account_data_tombstones (
+        -- AUTOINCREMENT: a stream_id is never reused, so a stale delivery record
+        -- can never acknowledge a newer delete.
+        stream_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id TEXT NOT NULL,
+        room_id TEXT,
+        account_data_type TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'done')),
+        created_ts INTEGER NOT NULL
+    );
+    -- At most one settled tombstone per type; a pending one may stand beside it
+    -- until its homeserver write succeeds.
+    CREATE UNIQUE INDEX account_data_tombstones_done
+        ON account_data_tombstones(user_id, COALESCE(room_id, ''), account_data_type)
+        WHERE state = 'done';
+
+    CREATE TABLE account_data_unsynced_deletes (
+        -- The stream_id of the delete; unique across global and room account data.
+        stream_id BIGINT NOT NULL,
+        user_id TEXT NOT NULL,
+        account_data_type TEXT NOT NULL,
+        -- The room ID if this is room account data.
+        room_id TEXT,
+        -- A device that has not yet seen this delete.
+        device_id TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX account_data_unsynced_deletes_stream_id_user_id_device_id
+        ON account_data_unsynced_deletes(stream_id, user_id, device_id);
+    CREATE INDEX account_data_unsynced_deletes_user_id_device_id
+        ON account_data_unsynced_deletes(user_id, device_id);
+
+    CREATE TABLE sync_deliveries (
+        user_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        next_batch TEXT NOT NULL,
+        stream_id INTEGER NOT NULL,
+        PRIMARY KEY (user_id, device_id, next_batch, stream_id)
+    ) WITHOUT ROWID;
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class PendingDelete:
+    """A delete one device has not seen yet."""
+
+    stream_id: int
+    room_id: str | None
+    account_data_type: str
+
+
+@dataclass(frozen=True)
+class UnsyncedRow:
+    stream_id: int
+    user_id: str
+    account_data_type: str
+    room_id: str | None
+    device_id: str
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    stream_id: int
+    user_id: str
+    room_id: str | None
+    account_data_type: str
+    state: str
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        # user_id -> devices that have at least one row (of any tombstone state).
+        self._devices_with_rows: dict[str, set[str]] = {}
+        # user_id -> stream_ids of deletes left 'pending' by an earlier process.
+        self._orphaned_intents: dict[str, list[int]] = {}
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._db.execute("PRAGMA journal_mode = WAL")
+            # FULL: a delete acknowledged with 200 survives a power cut, not just a crash.
+            await self._db.execute("PRAGMA synchronous = FULL")
+            await self._db.execute("PRAGMA busy_timeout = 5000")
+            await self._migrate()
+            await self._load_indexes()
+        except sqlite3.Error as e:
+            await self.close()
+            raise StoreError(f"cannot open the store {self.path}: {e}") from None
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        assert self._db is not None, "Store.open() was not awaited"
+        return self._db
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = row[0] if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the store {self.path} has schema version {version}, newer than this "
+                f"proxy's {SCHEMA_VERSION}; upgrade the proxy or point it at another file"
+            )
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[number - 1].split(";"):
+                    if statement.strip():
+                        await self.db.execute(statement)
+                await self.db.execute(f"PRAGMA user_version = {number}")
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            log.info("store schema migrated to version %d", number)
+
+    async def _load_indexes(self) -> None:
+        self._devices_with_rows.clear()
+        async with self.db.execute(
+            "SELECT DISTINCT user_id, device_id FROM account_data_unsynced_deletes"
+        ) as cur:
+            async for user_id, device_id in cur:
+                self._devices_with_rows.setdefault(user_id, set()).add(device_id)
+        self._orphaned_intents.clear()
+        async with self.db.execute(
+            "SELECT user_id, stream_id FROM account_data_tombstones WHERE state = 'pending'"
+        ) as cur:
+            async for user_id, stream_id in cur:
+                self._orphaned_intents.setdefault(user_id, []).append(stream_id)
+        if self._orphaned_intents:
+            count = sum(map(len, self._orphaned_intents.values()))
+            log.warning("%d interrupted deletes will be settled on their users' next requests", count)
+
+    async def _transaction(self, statements: Iterable[tuple[str, Sequence[object]]]) -> None:
+        """Run statements as one IMMEDIATE transaction (the caller holds the lock)."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, args in statements:
+                await self.db.execute(sql, args)
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+
+    async def _refresh_user(self, user_id: str) -> None:
+        async with self.db.execute(
+            "SELECT DISTINCT device_id FROM account_data_unsynced_deletes WHERE user_id = ?",
+            (user_id,),
+        ) as cur:
+            devices = {row[0] async for row in cur}
+        if devices:
+            self._devices_with_rows[user_id] = devices
+        else:
+            self._devices_with_rows.pop(user_id, None)
+
+    # --- fast, in-memory questions -----------------------------------------------------
+
+    def has_pending(self, user_id: str, device_id: str | None) -> bool:
+        """Whether this device has any row; answered without touching the database."""
+        devices = self._devices_with_rows.get(user_id)
+        return devices is not None and device_id in devices
+
+    def orphaned_intents(self, user_id: str) -> list[int]:
+        return list(self._orphaned_intents.get(user_id, ()))
+
+    # --- deletes -----------------------------------------------------------------------
+
+    async def begin_delete(
+        self,
+        user_id: str,
+        room_id: str | None,
+        account_data_type: str,
+        deleting_device: str | None,
+        devices: Sequence[str],
+    ) -> int:
+        """Record the intent to delete, with a row for every device but the deleting one.
+
+        `devices` is the account's current device list from the homeserver: rows of
+        devices no longer in it are dropped at the same time.
+        """
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await self.db.execute(
+                    "INSERT INTO account_data_tombstones"
+                    " (user_id, room_id, account_data_type, state, created_ts)"
+                    " VALUES (?, ?, ?, 'pending', ?)",
+                    (user_id, room_id, account_data_type, int(time.time() * 1000)),
+                )
+                stream_id = cur.lastrowid
+                assert stream_id is not None
+                await self.db.executemany(
+                    "INSERT INTO account_data_unsynced_deletes"
+                    " (stream_id, user_id, account_data_type, room_id, device_id)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (stream_id, user_id, account_data_type, room_id, device)
+                        for device in sorted(set(devices))
+                        if device != deleting_device
+                    ],
+                )
+                await self._drop_vanished_devices(user_id, devices)
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self._refresh_user(user_id)
+            return stream_id
+
+    async def _drop_vanished_devices(self, user_id: str, devices: Sequence[str]) -> None:
+        known = self._devices_with_rows.get(user_id, set())
+        vanished = sorted(known - set(devices))
+        for device in vanished:
+            await self._delete_device_rows(user_id, device)
+        if vanished:
+            await self._drop_settled_tombstones(user_id)
+
+    async def commit_delete(self, stream_id: int) -> None:
+        """The homeserver holds the delete: it replaces any earlier delete of the type."""
+        async with self._lock:
+            row = await self._tombstone_row(stream_id)
+            if row is None:
+                return
+            await self._transaction(
+                [
+                    *self._remove_tombstones_sql(
+                        "user_id = ? AND COALESCE(room_id, '') = COALESCE(?, '')"
+                        " AND account_data_type = ? AND state = 'done'",
+                        (row.user_id, row.room_id, row.account_data_type),
+                    ),
+                    ("UPDATE account_data_tombstones SET state = 'done' WHERE stream_id = ?", (stream_id,)),
+                    *self._settled_tombstones_sql(row.user_id),
+                ]
+            )
+            self._forget_intent(row.user_id, stream_id)
+            await self._refresh_user(row.user_id)
+
+    async def abort_delete(self, stream_id: int) -> None:
+        """The homeserver refused or never got the delete: leave no trace of it."""
+        async with self._lock:
+            row = await self._tombstone_row(stream_id)
+            if row is None:
+                return
+            await self._transaction(self._remove_tombstones_sql("stream_id = ?", (stream_id,)))
+            self._forget_intent(row.user_id, stream_id)
+            await self._refresh_user(row.user_id)
+
+    async def revive(self, user_id: str, room_id: str | None, account_data_type: str) -> None:
+        """The type has content again: its tombstones and rows go."""
+        async with self._lock:
+            await self._transaction(
+                self._remove_tombstones_sql(
+                    "user_id = ? AND COALESCE(room_id, '') = COALESCE(?, '')"
+                    " AND account_data_type = ? AND state = 'done'",
+                    (user_id, room_id, account_data_type),
+                )
+            )
+            await self._refresh_user(user_id)
+
+    def mark_orphaned(self, user_id: str, stream_id: int) -> None:
+        """A delete whose outcome is unknown: settle it on the user's next request."""
+        intents = self._orphaned_intents.setdefault(user_id, [])
+        if stream_id not in intents:
+            intents.append(stream_id)
+
+    def _forget_intent(self, user_id: str, stream_id: int) -> None:
+        intents = self._orphaned_intents.get(user_id)
+        if intents and stream_id in intents:
+            intents.remove(stream_id)
+            if not intents:
+                del self._orphaned_intents[user_id]
+
+    async def tombstone(self, stream_id: int) -> Tombstone | None:
+        async with self._lock:
+            return await self._tombstone_row(stream_id)
+
+    async def _tombstone_row(self, stream_id: int) -> Tombstone | None:
+        async with self.db.execute(
+            "SELECT stream_id, user_id, room_id, account_data_type, state"
+            " FROM account_data_tombstones WHERE stream_id = ?",
+            (stream_id,),
+        ) as cur:
+            row = await cur.fetchone()
+        return Tombstone(*row) if row else None
+
+    @staticmethod
+    def _remove_tombstones_sql(where: str, args: Sequence[object]) -> list[tuple[str, Sequence[object]]]:
+        selected = f"SELECT stream_id FROM account_data_tombstones WHERE {where}"
+        return [
+            (f"DELETE FROM sync_deliveries WHERE stream_id IN ({selected})", args),
+            (f"DELETE FROM account_data_unsynced_deletes WHERE stream_id IN ({selected})", args),
+            (f"DELETE FROM account_data_tombstones WHERE {where}", args),
+        ]
+
+    @staticmethod
+    def _settled_tombstones_sql(user_id: str) -> list[tuple[str, Sequence[object]]]:
+        """A settled delete that every device has seen needs no tombstone."""
+        return [
+            (
+                "DELETE FROM account_data_tombstones WHERE user_id = ? AND state = 'done'"
+                " AND NOT EXISTS (SELECT 1 FROM account_data_unsynced_deletes u"
+                " WHERE u.stream_id = account_data_tombstones.stream_id)",
+                (user_id,),
+            )
+        ]
+
+    async def _drop_settled_tombstones(self, user_id: str) -> None:
+        for sql, args in self._settled_tombstones_sql(user_id):
+            await self.db.execute(sql, args)
+
+    # --- what a device has to learn ----------------------------------------------------
+
+    async def pending_for_device(self, user_id: str, device_id: str) -> list[PendingDelete]:
+        """Settled deletes this device has not seen, oldest first."""
+        if not self.has_pending(user_id, device_id):
+            return []
+        async with (
+            self._lock,
+            self.db.execute(
+                "SELECT u.stream_id, u.room_id, u.account_data_type"
+                " FROM account_data_unsynced_deletes u"
+                " JOIN account_data_tombstones t ON t.stream_id = u.stream_id"
+                " WHERE u.user_id = ? AND u.device_id = ? AND t.state = 'done'"
+                " ORDER BY u.stream_id",
+                (user_id, device_id),
+            ) as cur,
+        ):
+            return [PendingDelete(*row) async for row in cur]
+
+    async def record_delivery(
+        self, user_id: str, device_id: str, next_batch: str, stream_ids: Iterable[int]
+    ) -> None:
+        """A response with this `next_batch` carried these deletes to the device."""
+        rows = [(user_id, device_id, next_batch, s) for s in sorted(set(stream_ids))]
+        if not rows:
+            return
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.executemany(
+                    "INSERT OR IGNORE INTO sync_deliveries (user_id, device_id, next_batch, stream_id)"
+                    " VALUES (?, ?, ?, ?)",
+                    rows,
+                )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def acknowledge_since(self, user_id: str, device_id: str, since: str) -> int:
+        """The device asks for what follows `since`: it holds that response, so every
+        delete the response carried is seen. Returns how many rows went."""
+        if not self.has_pending(user_id, device_id):
+            return 0
+        delivered = (
+            "SELECT stream_id FROM sync_deliveries WHERE user_id = ? AND device_id = ? AND next_batch = ?"
+        )
+        args = (user_id, device_id, since)
+        return await self._acknowledge(
+            user_id,
+            f"user_id = ? AND device_id = ? AND stream_id IN ({delivered})",
+            (user_id, device_id, *args),
+        )
+
+    async def acknowledge_type(
+        self, user_id: str, device_id: str, room_id: str | None, account_data_type: str
+    ) -> int:
+        """The device was told the type is gone (its GET answered 404)."""
+        if not self.has_pending(user_id, device_id):
+            return 0
+        return await self._acknowledge(
+            user_id,
+            "user_id = ? AND device_id = ? AND COALESCE(room_id, '') = COALESCE(?, '')"
+            " AND account_data_type = ? AND stream_id IN"
+            " (SELECT stream_id FROM account_data_tombstones WHERE state = 'done')",
+            (user_id, device_id, room_id, account_data_type),
+        )
+
+    async def _acknowledge(self, user_id: str, where: str, args: Sequence[object]) -> int:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await self.db.execute(
+                    f"DELETE FROM account_data_unsynced_deletes WHERE {where} RETURNING stream_id, device_id",
+                    args,
+                )
+                gone = await cur.fetchall()
+                await cur.close()
+                await self.db.executemany(
+                    "DELETE FROM sync_deliveries WHERE user_id = ? AND device_id = ? AND stream_id = ?",
+                    [(user_id, device, stream_id) for stream_id, device in gone],
+                )
+                await self._drop_settled_tombstones(user_id)
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self._refresh_user(user_id)
+            return len(gone)
+
+    # --- devices and accounts ----------------------------------------------------------
+
+    async def remove_devices(self, user_id: str, device_ids: Iterable[str]) -> None:
+        """These devices are gone: they have nothing left to learn."""
+        devices = sorted(set(device_ids))
+        if not devices:
+            return
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for device in devices:
+                    await self._delete_device_rows(user_id, device)
+                await self._drop_settled_tombstones(user_id)
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self._refresh_user(user_id)
+
+    async def remove_all_devices(self, user_id: str) -> None:
+        """Every device of the account is gone (logout/all, deactivation)."""
+        async with self._lock:
+            await self._transaction(
+                [
+                    ("DELETE FROM sync_deliveries WHERE user_id = ?", (user_id,)),
+                    ("DELETE FROM account_data_unsynced_deletes WHERE user_id = ?", (user_id,)),
+                    *self._settled_tombstones_sql(user_id),
+                ]
+            )
+            await self._refresh_user(user_id)
+
+    async def _delete_device_rows(self, user_id: str, device_id: str) -> None:
+        await self.db.execute(
+            "DELETE FROM sync_deliveries WHERE user_id = ? AND device_id = ?", (user_id, device_id)
+        )
+        await self.db.execute(
+            "DELETE FROM account_data_unsynced_deletes WHERE user_id = ? AND device_id = ?",
+            (user_id, device_id),
+        )
+
+    # --- inspection (tests, the inspect command) ---------------------------------------
+
+    async def unsynced_rows(self, user_id: str | None = None) -> list[UnsyncedRow]:
+        sql = (
+            "SELECT stream_id, user_id, account_data_type, room_id, device_id"
+            " FROM account_data_unsynced_deletes"
+        )
+        args: tuple[object, ...] = ()
+        if user_id is not None:
+            sql += " WHERE user_id = ?"
+            args = (user_id,)
+        async with self._lock, self.db.execute(sql + " ORDER BY stream_id, device_id", args) as cur:
+            return [UnsyncedRow(*row) async for row in cur]
+
+    async def tombstones(self, user_id: str | None = None) -> list[Tombstone]:
+        sql = "SELECT stream_id, user_id, room_id, account_data_type, state FROM account_data_tombstones"
+        args: tuple[object, ...] = ()
+        if user_id is not None:
+            sql += " WHERE user_id = ?"
+            args = (user_id,)
+        async with self._lock, self.db.execute(sql + " ORDER BY stream_id", args) as cur:
+            return [Tombstone(*row) async for row in cur]

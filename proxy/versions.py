@@ -1,0 +1,31 @@
+"""`GET /_matrix/client/versions`: advertise MSC3391, keep the rest as the homeserver said."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from .context import Context
+from .forward import body_response, decode_body
+
+UNSTABLE_FEATURE = "org.matrix.msc3391"
+
+
+def advertise(body: dict) -> dict:
+    features = body.get("unstable_features")
+    features = features if isinstance(features, dict) else {}
+    return {**body, "unstable_features": {**features, UNSTABLE_FEATURE: True}}
+
+
+async def versions(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+    async with ctx.upstream.open(request, headers={"Accept-Encoding": "identity"}) as upstream:
+        if upstream.status != 200 or request.method == "HEAD":
+            return await ctx.upstream.relay(request, upstream)
+        raw = await ctx.upstream.read_whole(upstream)
+    try:
+        body = orjson.loads(decode_body(raw, upstream.headers.get("Content-Encoding")))
+    except orjson.JSONDecodeError:
+        return body_response(upstream, raw, decoded=False)
+    if not isinstance(body, dict):
+        return body_response(upstream, raw, decoded=False)
+    return body_response(upstream, orjson.dumps(advertise(body)), decoded=True)
