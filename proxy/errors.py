@@ -54,7 +54,8 @@ class RelayedResponse(Exception):
 def error_response(status: int, errcode: str, message: str) -> web.Response:
     return web.Response(
         status=status,
-        body=json.dumps({"errcode": errcode, "error": message}).encode(),
+        # Compact, as Synapse writes it: clients and tests may compare bodies byte for byte.
+        body=json.dumps({"errcode": errcode, "error": message}, separators=(",", ":")).encode(),
         content_type="application/json",
     )
 

@@ -1,12 +1,15 @@
 """Which requests the proxy owns, matched exactly the way Synapse matches them.
 
 Synapse tries each servlet's regular expression with `re.match` against the *raw*
-request path (no query string, nothing decoded), and only then percent-decodes the
-captured groups. Patterns without a trailing `$` therefore also match a trailing
-slash or extra segments (`.../account_data/T/anything` is type `T`), and every
-client endpoint is served under `r0`, `v3` and `unstable`. A path shape that the
-homeserver would serve as account data but that the proxy failed to recognise
-would bypass it, so these patterns copy Synapse's shapes, anchors included.
+request path (no query string, nothing decoded), in registration order, and only
+then percent-decodes the captured groups. The first pattern that matches decides,
+whatever the method (another method gets 405). In Synapse 1.163 every pattern owned
+here ends in `$`, so a trailing slash or an extra segment is not account data at
+all (the homeserver answers 404 M_UNRECOGNIZED; so does the proxy, by forwarding),
+while `[^/]*` lets a type be empty and `%2F` inside a type stay part of it. Every
+client endpoint is served under `r0`, `v3` and `unstable` (some under `api/v1` too).
+A path shape the homeserver would serve as account data but the proxy failed to
+recognise would bypass it, so these patterns copy Synapse's, anchors included.
 
 Everything here is pure: `match()` takes a method and a raw path and returns what
 it found. `app.py` maps route names to handlers.
@@ -65,7 +68,7 @@ _CLIENT_V1 = r"^/_matrix/client/(?:api/v1|r0|v3|unstable)"
 _MSC3391 = r"^/_matrix/client/unstable/org.matrix.msc3391"
 _USER = r"/user/(?P<user_id>[^/]*)"
 _ROOM = r"/rooms/(?P<room_id>[^/]*)"
-_TYPE = r"/account_data/(?P<account_data_type>[^/]*)"
+_TYPE = r"/account_data/(?P<account_data_type>[^/]*)$"
 
 _GET = frozenset({"GET", "HEAD"})  # Synapse serves HEAD with the GET servlet.
 

@@ -34,49 +34,59 @@ class StoreError(Exception):
     """The store cannot be used (unreadable, newer schema, ...); one line for the operator."""
 
 
-# Each entry moves the schema from version N-1 to N (N = position + 1); applied in order
-# inside one transaction each and recorded in `PRAGMA user_version`.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE account_data_tombstones (
-        -- AUTOINCREMENT: a stream_id is never reused, so a stale delivery record
-        -- can never acknowledge a newer delete.
-        stream_id INTEGER PRIMARY KEY AUTOINCREMENT,
-        user_id TEXT NOT NULL,
-        room_id TEXT,
-        account_data_type TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('pending', 'done')),
-        created_ts INTEGER NOT NULL
-    );
-    -- At most one settled tombstone per type; a pending one may stand beside it
-    -- until its homeserver write succeeds.
-    CREATE UNIQUE INDEX account_data_tombstones_done
-        ON account_data_tombstones(user_id, COALESCE(room_id, ''), account_data_type)
-        WHERE state = 'done';
-
-    CREATE TABLE account_data_unsynced_deletes (
-        -- The stream_id of the delete; unique across global and room account data.
-        stream_id BIGINT NOT NULL,
-        user_id TEXT NOT NULL,
-        account_data_type TEXT NOT NULL,
-        -- The room ID if this is room account data.
-        room_id TEXT,
-        -- A device that has not yet seen this delete.
-        device_id TEXT NOT NULL
-    );
-    CREATE UNIQUE INDEX account_data_unsynced_deletes_stream_id_user_id_device_id
-        ON account_data_unsynced_deletes(stream_id, user_id, device_id);
-    CREATE INDEX account_data_unsynced_deletes_user_id_device_id
-        ON account_data_unsynced_deletes(user_id, device_id);
-
-    CREATE TABLE sync_deliveries (
-        user_id TEXT NOT NULL,
-        device_id TEXT NOT NULL,
-        next_batch TEXT NOT NULL,
-        stream_id INTEGER NOT NULL,
-        PRIMARY KEY (user_id, device_id, next_batch, stream_id)
-    ) WITHOUT ROWID;
-    """,
+# Each entry (a tuple of statements) moves the schema from version N-1 to N (N = position
+# + 1); applied in order, one transaction each, and recorded in `PRAGMA user_version`.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE account_data_tombstones (
+            -- AUTOINCREMENT: a stream_id is never reused, so a stale delivery record
+            -- can never acknowledge a newer delete.
+            stream_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_id TEXT NOT NULL,
+            room_id TEXT,
+            account_data_type TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'done')),
+            created_ts INTEGER NOT NULL
+        )
+        """,
+        # At most one settled tombstone per type; a pending one may stand beside it
+        # until its homeserver write succeeds.
+        """
+        CREATE UNIQUE INDEX account_data_tombstones_done
+            ON account_data_tombstones(user_id, COALESCE(room_id, ''), account_data_type)
+            WHERE state = 'done'
+        """,
+        """
+        CREATE TABLE account_data_unsynced_deletes (
+            -- The stream_id of the delete: unique across global and room account data.
+            stream_id BIGINT NOT NULL,
+            user_id TEXT NOT NULL,
+            account_data_type TEXT NOT NULL,
+            -- The room ID if this is room account data.
+            room_id TEXT,
+            -- A device that has not yet seen this delete.
+            device_id TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE UNIQUE INDEX account_data_unsynced_deletes_stream_id_user_id_device_id
+            ON account_data_unsynced_deletes(stream_id, user_id, device_id)
+        """,
+        """
+        CREATE INDEX account_data_unsynced_deletes_user_id_device_id
+            ON account_data_unsynced_deletes(user_id, device_id)
+        """,
+        """
+        CREATE TABLE sync_deliveries (
+            user_id TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            next_batch TEXT NOT NULL,
+            stream_id INTEGER NOT NULL,
+            PRIMARY KEY (user_id, device_id, next_batch, stream_id)
+        ) WITHOUT ROWID
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -131,9 +141,12 @@ class Store:
             await self._db.execute("PRAGMA busy_timeout = 5000")
             await self._migrate()
             await self._load_indexes()
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             await self.close()
             raise StoreError(f"cannot open the store {self.path}: {e}") from None
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self._db is not None:
@@ -157,9 +170,8 @@ class Store:
         for number in range(version + 1, SCHEMA_VERSION + 1):
             await self.db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in MIGRATIONS[number - 1].split(";"):
-                    if statement.strip():
-                        await self.db.execute(statement)
+                for statement in MIGRATIONS[number - 1]:
+                    await self.db.execute(statement)
                 await self.db.execute(f"PRAGMA user_version = {number}")
                 await self.db.execute("COMMIT")
             except BaseException:
