@@ -9,10 +9,21 @@ import signal
 import sys
 
 from .config import Config, ConfigError, load_config
+from .inspection import pending_report, render_json, render_text
 from .server import ProxyServer
-from .store import StoreError
+from .store import Store, StoreError
 
 log = logging.getLogger("proxy")
+
+
+async def inspect(config: Config, as_json: bool) -> str:
+    store = Store(config.store.path)
+    await store.open()
+    try:
+        report = await pending_report(store)
+    finally:
+        await store.close()
+    return render_json(report) if as_json else render_text(report)
 
 
 async def serve(config: Config) -> None:
@@ -30,13 +41,28 @@ def main(argv: list[str] | None = None) -> int:
         prog="msc3391-proxy",
         description="MSC3391 account data deletion in front of any Matrix homeserver.",
     )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=("serve", "inspect"),
+        default="serve",
+        help="serve (the default) runs the proxy; inspect prints the pending deletions in the store",
+    )
     parser.add_argument("--config", required=True, metavar="PATH", help="the TOML configuration file")
+    parser.add_argument("--json", action="store_true", help="inspect: print JSON for scripts")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
     except ConfigError as e:
         print(f"msc3391-proxy: config error: {e}", file=sys.stderr)
         return 2
+    if args.command == "inspect":
+        try:
+            print(asyncio.run(inspect(config, args.json)))
+        except StoreError as e:
+            print(f"msc3391-proxy: store error: {e}", file=sys.stderr)
+            return 1
+        return 0
     logging.basicConfig(
         level=config.proxy.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

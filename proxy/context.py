@@ -45,3 +45,5 @@ class Context:
     # Serialises writes of one (user, room, type): the store's order of events is then
     # the homeserver's order of accepted writes.
     type_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # user_id -> when its device list was last compared with its rows (monotonic).
+    device_sweeps: dict[str, float] = field(default_factory=dict)

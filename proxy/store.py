@@ -225,6 +225,9 @@ class Store:
         devices = self._devices_with_rows.get(user_id)
         return devices is not None and device_id in devices
 
+    def has_rows(self, user_id: str) -> bool:
+        return user_id in self._devices_with_rows
+
     def orphaned_intents(self, user_id: str) -> list[int]:
         return list(self._orphaned_intents.get(user_id, ()))
 
@@ -481,6 +484,12 @@ class Store:
                 await self.db.execute("ROLLBACK")
                 raise
             await self._refresh_user(user_id)
+
+    async def keep_only_devices(self, user_id: str, device_ids: Iterable[str]) -> None:
+        """The homeserver lists exactly these devices: any other device with rows is gone
+        (removed through an admin API, say)."""
+        vanished = self._devices_with_rows.get(user_id, set()) - set(device_ids)
+        await self.remove_devices(user_id, vanished)
 
     async def remove_all_devices(self, user_id: str) -> None:
         """Every device of the account is gone (logout/all, deactivation)."""

@@ -13,16 +13,17 @@ import asyncio
 import gc
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-import orjson
 from aiohttp import web
 
-from .account_data import caller
+from . import jsoncodec
+from .account_data import caller, device_ids
 from .context import Context
-from .errors import bad_gateway
+from .errors import MatrixError, RelayedResponse, bad_gateway
 from .filters import NO_FILTER, SyncFilter
 from .forward import accept_encoding_we_can_read, body_response, decode_body
 from .identity import Requester
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 # Bodies above this are parsed and rewritten on a worker thread, so one huge initial
 # sync does not stall every other request on the event loop for its whole parse.
 _THREAD_THRESHOLD = 1 << 20
+
+# How often a user's device list is compared with the devices that have rows.
+DEVICE_SWEEP_INTERVAL = 600.0
 
 T = TypeVar("T")
 
@@ -60,12 +64,19 @@ async def _off_loop(size: int, work: Callable[[], T]) -> T:
 def _parse(raw: bytes) -> dict[str, Any]:
     with _gc_paused():
         try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            body = jsoncodec.loads(raw)
+        except ValueError:
             raise bad_gateway("The homeserver sent a sync response that is not JSON") from None
     if not isinstance(body, dict):
         raise bad_gateway("The homeserver sent a sync response that is not a JSON object")
     return body
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    try:
+        return jsoncodec.dumps(body)
+    except ValueError:
+        raise bad_gateway("The homeserver sent a sync response that cannot be rewritten") from None
 
 
 async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
@@ -76,6 +87,7 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
     device_id = requester.device_id
     store = ctx.store
 
+    await _sweep_vanished_devices(ctx, request, requester)
     if since and device_id is not None:
         # Asking for what follows `since` proves the response that returned it arrived.
         await store.acknowledge_since(requester.user_id, device_id, since)
@@ -109,7 +121,7 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
             sync_filter=sync_filter,
             joined_rooms=joined,
         )
-        return (orjson.dumps(result.body) if result.changed(body) else None), result.delivered
+        return (_dumps(result.body) if result.changed(body) else None), result.delivered
 
     out, delivered = await _off_loop(len(plain), work)
     next_batch = body.get("next_batch")
@@ -119,6 +131,25 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
     if out is None:
         return body_response(upstream, raw, decoded=False)
     return body_response(upstream, out, decoded=True)
+
+
+async def _sweep_vanished_devices(ctx: Context, request: web.Request, requester: Requester) -> None:
+    """Drop rows of devices the homeserver no longer lists (removed behind the proxy's
+    back, through an admin API say), at most once per interval per user with rows."""
+    user_id = requester.user_id
+    if not ctx.store.has_rows(user_id):
+        ctx.device_sweeps.pop(user_id, None)
+        return
+    now = time.monotonic()
+    last = ctx.device_sweeps.get(user_id)
+    if last is not None and now - last < DEVICE_SWEEP_INTERVAL:
+        return
+    ctx.device_sweeps[user_id] = now
+    try:
+        devices = await device_ids(ctx, request, requester)
+    except (MatrixError, RelayedResponse):
+        return  # try again after the interval; the sync itself must not fail for this
+    await ctx.store.keep_only_devices(user_id, devices)
 
 
 async def _injection_context(
@@ -174,4 +205,4 @@ async def legacy_initial_sync(
     stripped = strip_legacy_initial_sync(body)
     if stripped is body:
         return body_response(upstream, raw, decoded=False)
-    return body_response(upstream, orjson.dumps(stripped), decoded=True)
+    return body_response(upstream, _dumps(stripped), decoded=True)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import orjson
+from typing import Any
+
 from aiohttp import web
 
+from . import jsoncodec
 from .context import Context
 from .forward import body_response, decode_body
 
 UNSTABLE_FEATURE = "org.matrix.msc3391"
 
 
-def advertise(body: dict) -> dict:
+def advertise(body: dict[str, Any]) -> dict[str, Any]:
     features = body.get("unstable_features")
     features = features if isinstance(features, dict) else {}
     return {**body, "unstable_features": {**features, UNSTABLE_FEATURE: True}}
@@ -23,9 +25,9 @@ async def versions(ctx: Context, request: web.Request, params: dict[str, str]) -
             return await ctx.upstream.relay(request, upstream)
         raw = await ctx.upstream.read_whole(upstream)
     try:
-        body = orjson.loads(decode_body(raw, upstream.headers.get("Content-Encoding")))
-    except orjson.JSONDecodeError:
+        body = jsoncodec.loads(decode_body(raw, upstream.headers.get("Content-Encoding")))
+    except ValueError:
         return body_response(upstream, raw, decoded=False)
     if not isinstance(body, dict):
         return body_response(upstream, raw, decoded=False)
-    return body_response(upstream, orjson.dumps(advertise(body)), decoded=True)
+    return body_response(upstream, jsoncodec.dumps(advertise(body)), decoded=True)
