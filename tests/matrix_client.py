@@ -1,0 +1,133 @@
+"""A minimal Matrix client for the tests: one device, raw JSON in and out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+
+from tests.synapse_rig import Account
+
+MSC3391 = "/_matrix/client/unstable/org.matrix.msc3391"
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    raw: bytes
+
+    @property
+    def errcode(self) -> str | None:
+        return self.body.get("errcode") if isinstance(self.body, dict) else None
+
+
+def account_data_path(prefix: str, user_id: str, kind: str, room_id: str | None = None) -> str:
+    path = f"{prefix}/user/{quote(user_id, safe='')}"
+    if room_id is not None:
+        path += f"/rooms/{quote(room_id, safe='')}"
+    return f"{path}/account_data/{quote(kind, safe='')}"
+
+
+@dataclass
+class Device:
+    """One logged-in device talking to `base_url` (the proxy or a homeserver)."""
+
+    session: aiohttp.ClientSession
+    base_url: str
+    account: Account
+    next_batch: str | None = None
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def user_id(self) -> str:
+        return self.account.user_id
+
+    @property
+    def device_id(self) -> str:
+        return self.account.device_id
+
+    async def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None) -> Reply:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        async with self.session.request(
+            method, self.base_url + path, data=data, headers=self.account.headers
+        ) as response:
+            content = await response.read()
+        try:
+            parsed = json.loads(content) if content else None
+        except ValueError:
+            parsed = None
+        return Reply(response.status, parsed, content)
+
+    async def put(
+        self, kind: str, content: Any, room_id: str | None = None, prefix: str = "/_matrix/client/v3"
+    ) -> Reply:
+        return await self.request("PUT", account_data_path(prefix, self.user_id, kind, room_id), content)
+
+    async def get(self, kind: str, room_id: str | None = None, prefix: str = "/_matrix/client/v3") -> Reply:
+        return await self.request("GET", account_data_path(prefix, self.user_id, kind, room_id))
+
+    async def delete(self, kind: str, room_id: str | None = None) -> Reply:
+        return await self.request("DELETE", account_data_path(MSC3391, self.user_id, kind, room_id))
+
+    async def create_room(self) -> str:
+        reply = await self.request("POST", "/_matrix/client/v3/createRoom", {})
+        assert reply.status == 200, reply.body
+        return reply.body["room_id"]
+
+    async def sync(
+        self,
+        *,
+        since: str | None = None,
+        initial: bool = False,
+        full_state: bool = False,
+        filter: Any = None,
+        timeout_ms: int = 0,
+        advance: bool = True,
+    ) -> dict[str, Any]:
+        """/sync from `since` (default: this device's last next_batch; none if
+        `initial`). Remembers next_batch unless `advance` is False."""
+        params: dict[str, str] = {"timeout": str(timeout_ms)}
+        token = None if initial else (since if since is not None else self.next_batch)
+        if token is not None:
+            params["since"] = token
+        if full_state:
+            params["full_state"] = "true"
+        if filter is not None:
+            params["filter"] = filter if isinstance(filter, str) else json.dumps(filter)
+        reply = await self.request("GET", "/_matrix/client/v3/sync?" + urlencode(params))
+        assert reply.status == 200, reply.body
+        if advance:
+            self.next_batch = reply.body["next_batch"]
+        return reply.body
+
+
+def global_entries(body: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [e for e in body.get("account_data", {}).get("events", []) if e.get("type") == kind]
+
+
+def room_entries(body: dict[str, Any], room_id: str, kind: str) -> list[dict[str, Any]]:
+    room = body.get("rooms", {}).get("join", {}).get(room_id, {})
+    return [e for e in room.get("account_data", {}).get("events", []) if e.get("type") == kind]
+
+
+def entries_of(body: dict[str, Any], kind: str, room_id: str | None) -> list[dict[str, Any]]:
+    return global_entries(body, kind) if room_id is None else room_entries(body, room_id, kind)
+
+
+def empty_entries(body: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """Every (room, type) with content `{}` anywhere in a sync body."""
+    found = [
+        (None, e["type"]) for e in body.get("account_data", {}).get("events", []) if e.get("content") == {}
+    ]
+    for section in ("join", "leave"):
+        for room_id, room in body.get("rooms", {}).get(section, {}).items():
+            found += [
+                (room_id, e["type"])
+                for e in room.get("account_data", {}).get("events", [])
+                if e.get("content") == {}
+            ]
+    return found
