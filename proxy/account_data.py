@@ -34,6 +34,7 @@ from .errors import (
 from .forward import UpstreamReply
 from .identity import Requester
 from .matrix_ids import is_valid_room_id
+from .store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,10 @@ async def caller(ctx: Context, request: web.Request) -> Requester:
     """The authenticated caller, after settling deletes an earlier process left open."""
     requester = await ctx.identity.requester(request)
     for stream_id in ctx.store.orphaned_intents(requester.user_id):
-        await settle(ctx, request, requester, stream_id)
+        try:
+            await settle(ctx, request, requester, stream_id)
+        except StoreUnavailable:
+            break  # logged by the store; the intent waits for a later request
     return requester
 
 

@@ -3,7 +3,8 @@
 Tables (see `MIGRATIONS`):
 - `account_data_tombstones`: one row per delete; its `stream_id` is unique across
   global and room account data. `state` is 'pending' while the homeserver write is
-  under way (an intent: a crash leaves it for `reconcile` to settle) and 'done' after.
+  under way (an intent: one a crash leaves behind is settled on its user's next
+  request, see `account_data.settle`) and 'done' after.
 - `account_data_unsynced_deletes`: the design brief's table, one row per device that
   has not yet seen a delete. The brief's foreign keys point at homeserver tables that
   this file does not have, so they are omitted.
@@ -11,27 +12,41 @@ Tables (see `MIGRATIONS`):
   that response's `next_batch`, so that a later request with `since=next_batch`
   proves receipt.
 
-All writes go through one connection, one transaction at a time. An in-memory
-index of which devices have rows lets `/sync` for everyone else skip the database.
+All access goes through one connection, one transaction at a time (`_locked`,
+`_transaction`). An in-memory index of which devices have rows lets `/sync` for
+everyone else skip the database. A failing database (full or read-only disk, a lock
+held elsewhere, corruption) raises `StoreUnavailable`, is logged once per burst, and
+the next operation simply tries again: the store recovers when the fault clears.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiosqlite
 
+from .errors import M_UNKNOWN, MatrixError
+
 log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
-    """The store cannot be used (unreadable, newer schema, ...); one line for the operator."""
+    """The store cannot be opened (unreadable, newer schema, ...); one line for the operator."""
+
+
+class StoreUnavailable(MatrixError):
+    """A store operation failed at run time (read-only or full disk, locked, corrupt):
+    the request that needed it gets a 500 Matrix error; forwarding goes on."""
+
+    def __init__(self, cause: sqlite3.Error) -> None:
+        super().__init__(500, M_UNKNOWN, f"The proxy's deletion store is unavailable: {cause}")
 
 
 # Each entry (a tuple of statements) moves the schema from version N-1 to N (N = position
@@ -119,6 +134,10 @@ class Tombstone:
     state: str
 
 
+# A burst of store errors is logged once, then again at most this often.
+FAULT_LOG_INTERVAL = 60.0
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -126,8 +145,11 @@ class Store:
         self._lock = asyncio.Lock()
         # user_id -> devices that have at least one row (of any tombstone state).
         self._devices_with_rows: dict[str, set[str]] = {}
-        # user_id -> stream_ids of deletes left 'pending' by an earlier process.
+        # user_id -> stream_ids of deletes whose outcome is unknown (left 'pending' by an
+        # earlier process, or by a homeserver write that could not be settled).
         self._orphaned_intents: dict[str, list[int]] = {}
+        self._faults = 0
+        self._fault_logged_at = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -158,6 +180,39 @@ class Store:
         assert self._db is not None, "Store.open() was not awaited"
         return self._db
 
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any failure (caller holds the lock)."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            await self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    await self.db.execute("ROLLBACK")
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """Exclusive use of the connection; database errors become `StoreUnavailable`."""
+        async with self._lock:
+            try:
+                yield
+            except sqlite3.Error as e:
+                self._fault(e)
+                raise StoreUnavailable(e) from None
+            if self._faults:
+                log.warning("store recovered after %d failed operation(s)", self._faults)
+                self._faults = 0
+
+    def _fault(self, error: sqlite3.Error) -> None:
+        self._faults += 1
+        now = time.monotonic()
+        if self._faults == 1 or now - self._fault_logged_at >= FAULT_LOG_INTERVAL:
+            log.error("store %s failing: %s (%d failed operation(s) so far)", self.path, error, self._faults)
+            self._fault_logged_at = now
+
     async def _migrate(self) -> None:
         async with self.db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
@@ -168,15 +223,10 @@ class Store:
                 f"proxy's {SCHEMA_VERSION}; upgrade the proxy or point it at another file"
             )
         for number in range(version + 1, SCHEMA_VERSION + 1):
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
+            async with self._transaction():
                 for statement in MIGRATIONS[number - 1]:
                     await self.db.execute(statement)
                 await self.db.execute(f"PRAGMA user_version = {number}")
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
             log.info("store schema migrated to version %d", number)
 
     async def _load_indexes(self) -> None:
@@ -196,16 +246,9 @@ class Store:
             count = sum(map(len, self._orphaned_intents.values()))
             log.warning("%d interrupted deletes will be settled on their users' next requests", count)
 
-    async def _transaction(self, statements: Iterable[tuple[str, Sequence[object]]]) -> None:
-        """Run statements as one IMMEDIATE transaction (the caller holds the lock)."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, args in statements:
-                await self.db.execute(sql, args)
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
+    async def _execute_all(self, statements: Iterable[tuple[str, Sequence[object]]]) -> None:
+        for sql, args in statements:
+            await self.db.execute(sql, args)
 
     async def _refresh_user(self, user_id: str) -> None:
         async with self.db.execute(
@@ -231,6 +274,19 @@ class Store:
     def orphaned_intents(self, user_id: str) -> list[int]:
         return list(self._orphaned_intents.get(user_id, ()))
 
+    def mark_orphaned(self, user_id: str, stream_id: int) -> None:
+        """A delete whose outcome is unknown: settle it on the user's next request."""
+        intents = self._orphaned_intents.setdefault(user_id, [])
+        if stream_id not in intents:
+            intents.append(stream_id)
+
+    def _forget_intent(self, user_id: str, stream_id: int) -> None:
+        intents = self._orphaned_intents.get(user_id)
+        if intents and stream_id in intents:
+            intents.remove(stream_id)
+            if not intents:
+                del self._orphaned_intents[user_id]
+
     # --- deletes -----------------------------------------------------------------------
 
     async def begin_delete(
@@ -246,9 +302,9 @@ class Store:
         `devices` is the account's current device list from the homeserver: rows of
         devices no longer in it are dropped at the same time.
         """
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
+        async with self._locked():
+            vanished = sorted(self._devices_with_rows.get(user_id, set()) - set(devices))
+            async with self._transaction():
                 cur = await self.db.execute(
                     "INSERT INTO account_data_tombstones"
                     " (user_id, room_id, account_data_type, state, created_ts)"
@@ -267,79 +323,60 @@ class Store:
                         if device != deleting_device
                     ],
                 )
-                await self._drop_vanished_devices(user_id, devices)
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+                await self._execute_all(self._device_rows_sql(user_id, vanished))
             await self._refresh_user(user_id)
             return stream_id
 
-    async def _drop_vanished_devices(self, user_id: str, devices: Sequence[str]) -> None:
-        known = self._devices_with_rows.get(user_id, set())
-        vanished = sorted(known - set(devices))
-        for device in vanished:
-            await self._delete_device_rows(user_id, device)
-        if vanished:
-            await self._drop_settled_tombstones(user_id)
-
     async def commit_delete(self, stream_id: int) -> None:
         """The homeserver holds the delete: it replaces any earlier delete of the type."""
-        async with self._lock:
+        async with self._locked():
             row = await self._tombstone_row(stream_id)
             if row is None:
                 return
-            await self._transaction(
-                [
-                    *self._remove_tombstones_sql(
-                        "user_id = ? AND COALESCE(room_id, '') = COALESCE(?, '')"
-                        " AND account_data_type = ? AND state = 'done'",
-                        (row.user_id, row.room_id, row.account_data_type),
-                    ),
-                    ("UPDATE account_data_tombstones SET state = 'done' WHERE stream_id = ?", (stream_id,)),
-                    *self._settled_tombstones_sql(row.user_id),
-                ]
-            )
+            async with self._transaction():
+                await self._execute_all(
+                    [
+                        *self._remove_tombstones_sql(
+                            "user_id = ? AND COALESCE(room_id, '') = COALESCE(?, '')"
+                            " AND account_data_type = ? AND state = 'done'",
+                            (row.user_id, row.room_id, row.account_data_type),
+                        ),
+                        (
+                            "UPDATE account_data_tombstones SET state = 'done' WHERE stream_id = ?",
+                            (stream_id,),
+                        ),
+                        *self._settled_tombstones_sql(row.user_id),
+                    ]
+                )
             self._forget_intent(row.user_id, stream_id)
             await self._refresh_user(row.user_id)
 
     async def abort_delete(self, stream_id: int) -> None:
         """The homeserver refused or never got the delete: leave no trace of it."""
-        async with self._lock:
+        async with self._locked():
             row = await self._tombstone_row(stream_id)
             if row is None:
                 return
-            await self._transaction(self._remove_tombstones_sql("stream_id = ?", (stream_id,)))
+            async with self._transaction():
+                await self._execute_all(self._remove_tombstones_sql("stream_id = ?", (stream_id,)))
             self._forget_intent(row.user_id, stream_id)
             await self._refresh_user(row.user_id)
 
     async def revive(self, user_id: str, room_id: str | None, account_data_type: str) -> None:
         """The type has content again: its tombstones and rows go."""
-        async with self._lock:
-            await self._transaction(
-                self._remove_tombstones_sql(
-                    "user_id = ? AND COALESCE(room_id, '') = COALESCE(?, '')"
-                    " AND account_data_type = ? AND state = 'done'",
-                    (user_id, room_id, account_data_type),
+        async with self._locked():
+            async with self._transaction():
+                await self._execute_all(
+                    self._remove_tombstones_sql(
+                        "user_id = ? AND COALESCE(room_id, '') = COALESCE(?, '')"
+                        " AND account_data_type = ? AND state = 'done'",
+                        (user_id, room_id, account_data_type),
+                    )
                 )
-            )
             await self._refresh_user(user_id)
 
-    def mark_orphaned(self, user_id: str, stream_id: int) -> None:
-        """A delete whose outcome is unknown: settle it on the user's next request."""
-        intents = self._orphaned_intents.setdefault(user_id, [])
-        if stream_id not in intents:
-            intents.append(stream_id)
-
-    def _forget_intent(self, user_id: str, stream_id: int) -> None:
-        intents = self._orphaned_intents.get(user_id)
-        if intents and stream_id in intents:
-            intents.remove(stream_id)
-            if not intents:
-                del self._orphaned_intents[user_id]
-
     async def tombstone(self, stream_id: int) -> Tombstone | None:
-        async with self._lock:
+        async with self._locked():
             return await self._tombstone_row(stream_id)
 
     async def _tombstone_row(self, stream_id: int) -> Tombstone | None:
@@ -372,9 +409,19 @@ class Store:
             )
         ]
 
-    async def _drop_settled_tombstones(self, user_id: str) -> None:
-        for sql, args in self._settled_tombstones_sql(user_id):
-            await self.db.execute(sql, args)
+    @classmethod
+    def _device_rows_sql(cls, user_id: str, device_ids: Iterable[str]) -> list[tuple[str, Sequence[object]]]:
+        """Statements that forget these devices (and tombstones nobody waits on any more)."""
+        statements: list[tuple[str, Sequence[object]]] = []
+        for device in device_ids:
+            statements += [
+                ("DELETE FROM sync_deliveries WHERE user_id = ? AND device_id = ?", (user_id, device)),
+                (
+                    "DELETE FROM account_data_unsynced_deletes WHERE user_id = ? AND device_id = ?",
+                    (user_id, device),
+                ),
+            ]
+        return [*statements, *cls._settled_tombstones_sql(user_id)] if statements else []
 
     # --- what a device has to learn ----------------------------------------------------
 
@@ -383,7 +430,7 @@ class Store:
         if not self.has_pending(user_id, device_id):
             return []
         async with (
-            self._lock,
+            self._locked(),
             self.db.execute(
                 "SELECT u.stream_id, u.room_id, u.account_data_type"
                 " FROM account_data_unsynced_deletes u"
@@ -402,18 +449,12 @@ class Store:
         rows = [(user_id, device_id, next_batch, s) for s in sorted(set(stream_ids))]
         if not rows:
             return
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                await self.db.executemany(
-                    "INSERT OR IGNORE INTO sync_deliveries (user_id, device_id, next_batch, stream_id)"
-                    " VALUES (?, ?, ?, ?)",
-                    rows,
-                )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._locked(), self._transaction():
+            await self.db.executemany(
+                "INSERT OR IGNORE INTO sync_deliveries (user_id, device_id, next_batch, stream_id)"
+                " VALUES (?, ?, ?, ?)",
+                rows,
+            )
 
     async def acknowledge_since(self, user_id: str, device_id: str, since: str) -> int:
         """The device asks for what follows `since`: it holds that response, so every
@@ -423,11 +464,10 @@ class Store:
         delivered = (
             "SELECT stream_id FROM sync_deliveries WHERE user_id = ? AND device_id = ? AND next_batch = ?"
         )
-        args = (user_id, device_id, since)
         return await self._acknowledge(
             user_id,
             f"user_id = ? AND device_id = ? AND stream_id IN ({delivered})",
-            (user_id, device_id, *args),
+            (user_id, device_id, user_id, device_id, since),
         )
 
     async def acknowledge_type(
@@ -445,9 +485,8 @@ class Store:
         )
 
     async def _acknowledge(self, user_id: str, where: str, args: Sequence[object]) -> int:
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
+        async with self._locked():
+            async with self._transaction():
                 cur = await self.db.execute(
                     f"DELETE FROM account_data_unsynced_deletes WHERE {where} RETURNING stream_id, device_id",
                     args,
@@ -458,11 +497,7 @@ class Store:
                     "DELETE FROM sync_deliveries WHERE user_id = ? AND device_id = ? AND stream_id = ?",
                     [(user_id, device, stream_id) for stream_id, device in gone],
                 )
-                await self._drop_settled_tombstones(user_id)
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+                await self._execute_all(self._settled_tombstones_sql(user_id))
             await self._refresh_user(user_id)
             return len(gone)
 
@@ -470,19 +505,12 @@ class Store:
 
     async def remove_devices(self, user_id: str, device_ids: Iterable[str]) -> None:
         """These devices are gone: they have nothing left to learn."""
-        devices = sorted(set(device_ids))
-        if not devices:
+        statements = self._device_rows_sql(user_id, sorted(set(device_ids)))
+        if not statements:
             return
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for device in devices:
-                    await self._delete_device_rows(user_id, device)
-                await self._drop_settled_tombstones(user_id)
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._locked():
+            async with self._transaction():
+                await self._execute_all(statements)
             await self._refresh_user(user_id)
 
     async def keep_only_devices(self, user_id: str, device_ids: Iterable[str]) -> None:
@@ -493,24 +521,16 @@ class Store:
 
     async def remove_all_devices(self, user_id: str) -> None:
         """Every device of the account is gone (logout/all, deactivation)."""
-        async with self._lock:
-            await self._transaction(
-                [
-                    ("DELETE FROM sync_deliveries WHERE user_id = ?", (user_id,)),
-                    ("DELETE FROM account_data_unsynced_deletes WHERE user_id = ?", (user_id,)),
-                    *self._settled_tombstones_sql(user_id),
-                ]
-            )
+        async with self._locked():
+            async with self._transaction():
+                await self._execute_all(
+                    [
+                        ("DELETE FROM sync_deliveries WHERE user_id = ?", (user_id,)),
+                        ("DELETE FROM account_data_unsynced_deletes WHERE user_id = ?", (user_id,)),
+                        *self._settled_tombstones_sql(user_id),
+                    ]
+                )
             await self._refresh_user(user_id)
-
-    async def _delete_device_rows(self, user_id: str, device_id: str) -> None:
-        await self.db.execute(
-            "DELETE FROM sync_deliveries WHERE user_id = ? AND device_id = ?", (user_id, device_id)
-        )
-        await self.db.execute(
-            "DELETE FROM account_data_unsynced_deletes WHERE user_id = ? AND device_id = ?",
-            (user_id, device_id),
-        )
 
     # --- inspection (tests, the inspect command) ---------------------------------------
 
@@ -523,7 +543,7 @@ class Store:
         if user_id is not None:
             sql += " WHERE user_id = ?"
             args = (user_id,)
-        async with self._lock, self.db.execute(sql + " ORDER BY stream_id, device_id", args) as cur:
+        async with self._locked(), self.db.execute(sql + " ORDER BY stream_id, device_id", args) as cur:
             return [UnsyncedRow(*row) async for row in cur]
 
     async def tombstones(self, user_id: str | None = None) -> list[Tombstone]:
@@ -532,5 +552,5 @@ class Store:
         if user_id is not None:
             sql += " WHERE user_id = ?"
             args = (user_id,)
-        async with self._lock, self.db.execute(sql + " ORDER BY stream_id", args) as cur:
+        async with self._locked(), self.db.execute(sql + " ORDER BY stream_id", args) as cur:
             return [Tombstone(*row) async for row in cur]

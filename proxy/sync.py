@@ -14,7 +14,7 @@ import gc
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -28,7 +28,7 @@ from .filters import NO_FILTER, SyncFilter
 from .forward import accept_encoding_we_can_read, body_response, decode_body
 from .identity import Requester
 from .rewrite import may_hold_deletions, rewrite_sync, rooms_to_place, strip_legacy_initial_sync
-from .store import PendingDelete
+from .store import PendingDelete, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,12 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
     device_id = requester.device_id
     store = ctx.store
 
-    await _sweep_vanished_devices(ctx, request, requester)
+    # The store only refines what the homeserver sends (acknowledgements, injections):
+    # when it fails, the sync goes on without it and the rows wait for a later one.
+    await _best_effort(_sweep_vanished_devices(ctx, request, requester), None)
     if since and device_id is not None:
         # Asking for what follows `since` proves the response that returned it arrived.
-        await store.acknowledge_since(requester.user_id, device_id, since)
+        await _best_effort(store.acknowledge_since(requester.user_id, device_id, since), 0)
     has_pending = device_id is not None and store.has_pending(requester.user_id, device_id)
     incremental = bool(since)
 
@@ -108,7 +110,9 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
     if not has_pending and not may_hold_deletions(plain):
         return body_response(upstream, raw, decoded=False)
 
-    pending = await store.pending_for_device(requester.user_id, device_id) if has_pending else []
+    pending = (
+        await _best_effort(store.pending_for_device(requester.user_id, device_id), []) if has_pending else []
+    )
     body = await _off_loop(len(plain), lambda: _parse(plain))
     sync_filter, joined = await _injection_context(ctx, request, requester, body, pending, incremental)
 
@@ -127,10 +131,17 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
     next_batch = body.get("next_batch")
     if delivered and device_id is not None and isinstance(next_batch, str):
         # Recorded before the response leaves: if it arrives, the proof can be checked.
-        await store.record_delivery(requester.user_id, device_id, next_batch, delivered)
+        await _best_effort(store.record_delivery(requester.user_id, device_id, next_batch, delivered), None)
     if out is None:
         return body_response(upstream, raw, decoded=False)
     return body_response(upstream, out, decoded=True)
+
+
+async def _best_effort(operation: Awaitable[T], fallback: T) -> T:
+    try:
+        return await operation
+    except StoreUnavailable:
+        return fallback  # logged by the store, once per burst
 
 
 async def _sweep_vanished_devices(ctx: Context, request: web.Request, requester: Requester) -> None:
