@@ -10,6 +10,7 @@ import sys
 
 from .config import Config, ConfigError, load_config
 from .inspection import pending_report, render_json, render_text
+from .logs import reopen, setup_logging
 from .server import ProxyServer
 from .store import Store, StoreError
 
@@ -26,14 +27,18 @@ async def inspect(config: Config, as_json: bool) -> str:
     return render_json(report) if as_json else render_text(report)
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, log_handler: logging.Handler) -> None:
     async with ProxyServer(config):
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reopen, log_handler)
         await stop.wait()
-        log.info("shutting down")
+        log.info(
+            "shutting down: new connections refused, in-flight requests get %.0f s",
+            config.proxy.shutdown_grace,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,12 +68,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"msc3391-proxy: store error: {e}", file=sys.stderr)
             return 1
         return 0
-    logging.basicConfig(
-        level=config.proxy.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
-        asyncio.run(serve(config))
+        handler = setup_logging(
+            config.proxy.log_level, config.proxy.log_format, config.proxy.log_file or None
+        )
+    except OSError as e:
+        print(
+            f"msc3391-proxy: cannot open the log file {config.proxy.log_file}: {e.strerror}", file=sys.stderr
+        )
+        return 1
+    try:
+        asyncio.run(serve(config, handler))
     except StoreError as e:
         print(f"msc3391-proxy: store error: {e}", file=sys.stderr)
         return 1

@@ -154,7 +154,10 @@ async def get(ctx: Context, request: web.Request, params: dict[str, str]) -> web
     deleted = upstream.status == 404 or _is_empty_object(prefix)
     if deleted and requester.device_id is not None:
         # The device now knows the type is gone: the proof of receipt for a GET.
-        await ctx.store.acknowledge_type(requester.user_id, requester.device_id, room_id, account_data_type)
+        acknowledged = await ctx.store.acknowledge_type(
+            requester.user_id, requester.device_id, room_id, account_data_type
+        )
+        ctx.metrics.acknowledgements.labels("get").inc(acknowledged)
     if upstream.status == 200 and deleted:
         message = "Room account data not found" if room_id is not None else "Account data not found"
         raise MatrixError(404, M_NOT_FOUND, message)
@@ -209,6 +212,7 @@ async def _delete(
             await ctx.store.abort_delete(stream_id)
             raise RelayedResponse(reply.status, reply.body, reply.content_type)
         await ctx.store.commit_delete(stream_id)
+        ctx.metrics.deletes.labels("global" if room_id is None else "room").inc()
 
 
 async def settle(ctx: Context, request: web.Request, requester: Requester, stream_id: int) -> bool | None:

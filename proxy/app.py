@@ -24,9 +24,11 @@ from .errors import (
     unrecognized,
 )
 from .filters import FilterCache
-from .forward import Upstream, redact
+from .forward import Upstream
 from .identity import Identity
-from .routing import RouteName, match
+from .logs import new_request_id, request_id
+from .metrics import Metrics, current_route
+from .routing import RouteName, match, template
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ ROUTES: dict[RouteName, Handler] = {
 }
 
 CONTEXT = web.AppKey("context", Context)
+ROUTE = "msc3391_proxy.route"  # the owned route a request was dispatched to
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -57,6 +60,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if ctx.config.msc3391_enabled:
         found = match(request.method, request.raw_path)
         if found is not None:
+            current_route.set(found.name.value)
+            request[ROUTE] = found.name.value
             if found.method_allowed:
                 return await ROUTES[found.name](ctx, request, found.params)
             if found.route.owns_path:
@@ -64,11 +69,37 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     return await ctx.upstream.forward(request)
 
 
+async def health(request: web.Request) -> web.Response:
+    """The proxy's own health; `?upstream=true` also asks the homeserver."""
+    ctx = request.app[CONTEXT]
+    if request.query.get("upstream") not in ("true", "1"):
+        return web.json_response({"status": "ok"})
+    try:
+        reply = await ctx.upstream.call("GET", "/_matrix/client/versions", headers={}, read_timeout=5.0)
+    except MatrixError as e:
+        return web.json_response({"status": "unavailable", "upstream": e.message}, status=503)
+    if reply.status != 200:
+        return web.json_response({"status": "unavailable", "upstream": f"HTTP {reply.status}"}, status=503)
+    return web.json_response({"status": "ok", "upstream": "ok"})
+
+
 @web.middleware
 async def matrix_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every failure leaves as a Matrix error body; nothing leaves as a traceback."""
+    """Every failure leaves as a Matrix error body; nothing leaves as a traceback.
+    Each request gets an id for its log lines, and owned routes are counted."""
+    request_id.set(new_request_id())
+    response = await _answer(request, handler)
+    route = request.get(ROUTE)
+    if route is not None:
+        request.app[CONTEXT].metrics.requests.labels(route, str(response.status)).inc()
+    return response
+
+
+async def _answer(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except (MatrixError, RelayedResponse) as e:
@@ -78,29 +109,37 @@ async def matrix_errors(
     except web.HTTPException as e:
         return error_response(e.status, M_UNKNOWN, e.reason)
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, redact(request.raw_path))
+        log.exception("unhandled error in %s %s", request.method, template(request.raw_path))
         return error_response(500, M_UNKNOWN, "Internal server error")
 
 
-def build_app(config: Config) -> web.Application:
+def build_app(config: Config, metrics: Metrics | None = None) -> web.Application:
+    metrics = metrics or Metrics()
     app = web.Application(middlewares=[matrix_errors], client_max_size=config.proxy.max_body_size)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        upstream = Upstream(config)
+        upstream = Upstream(config, metrics)
         await upstream.start()
         store = Store(config.store.path)
         try:
             if config.msc3391_enabled:
                 await store.open()
+                metrics.watch_store(config.store.path)
+                metrics.devices_pending.set_function(store.devices_pending)
             identity = Identity(
-                upstream, ttl=config.proxy.identity_cache_ttl, max_size=config.proxy.identity_cache_size
+                upstream,
+                metrics,
+                ttl=config.proxy.identity_cache_ttl,
+                max_size=config.proxy.identity_cache_size,
             )
-            app[CONTEXT] = Context(config, upstream, identity, store, FilterCache(upstream, identity))
+            filters = FilterCache(upstream, identity)
+            app[CONTEXT] = Context(config, upstream, identity, store, filters, metrics)
             yield
         finally:
             await store.close()
             await upstream.close()
 
     app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/health", health)
     app.router.add_route("*", "/{path:.*}", dispatch)
     return app

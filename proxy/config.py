@@ -51,7 +51,17 @@ class ProxyConfig:
     max_body_size: int
     identity_cache_ttl: float
     identity_cache_size: int
+    shutdown_grace: float
     log_level: str
+    log_format: str
+    log_file: str
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool
+    host: str
+    port: int
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class Config:
     upstream: UpstreamConfig
     store: StoreConfig
     proxy: ProxyConfig
+    metrics: MetricsConfig
     experimental_features: ExperimentalConfig
 
     @property
@@ -129,6 +140,21 @@ def _http_url(key: str, value: Any) -> URL:
     return url.with_path("")
 
 
+def _optional_string(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _fail(key, f"expected a string, got {value!r}")
+    return value
+
+
+def _one_of(*choices: str) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        if value not in choices:
+            raise _fail(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return check
+
+
 def _log_level(key: str, value: Any) -> str:
     text = _string(key, value).upper()
     if text not in LOG_LEVELS:
@@ -177,7 +203,18 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any]]] = {
         "max_body_size": (_integer(1024, 1 << 30), 1024 * 1024),
         "identity_cache_ttl": (_seconds, 60.0),
         "identity_cache_size": (_integer(1, 10_000_000), 10_000),
+        # On SIGTERM: how long in-flight requests may finish before long-polls are cut.
+        "shutdown_grace": (_seconds, 10.0),
         "log_level": (_log_level, "INFO"),
+        "log_format": (_one_of("text", "json"), "text"),
+        # Empty: standard error (journald). A file is reopened on SIGHUP.
+        "log_file": (_optional_string, ""),
+    },
+    "metrics": {
+        # Prometheus /metrics (and /health) on a listener of its own.
+        "enabled": (_boolean, False),
+        "host": (_string, "127.0.0.1"),
+        "port": (_integer(0, 65535), 9109),
     },
     "experimental_features": {
         "msc3391_enabled": (_boolean, False),
@@ -204,20 +241,25 @@ def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
     return values
 
 
+def _relative_to(base_dir: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
 def parse_config(raw: Mapping[str, Any], base_dir: Path) -> Config:
     """Validate a parsed TOML document; relative paths are taken from `base_dir`."""
     for name in raw:
         if name not in _SCHEMA:
             raise _fail(name, f"unknown section (known: {', '.join(_SCHEMA)})")
-    store = _section(raw, "store")
-    store_path = Path(store["path"]).expanduser()
-    if not store_path.is_absolute():
-        store_path = base_dir / store_path
+    proxy = _section(raw, "proxy")
+    if proxy["log_file"]:
+        proxy["log_file"] = str(_relative_to(base_dir, proxy["log_file"]))
     return Config(
         listen=ListenConfig(**_section(raw, "listen")),
         upstream=UpstreamConfig(**_section(raw, "upstream")),
-        store=StoreConfig(path=store_path),
-        proxy=ProxyConfig(**_section(raw, "proxy")),
+        store=StoreConfig(path=_relative_to(base_dir, _section(raw, "store")["path"])),
+        proxy=ProxyConfig(**proxy),
+        metrics=MetricsConfig(**_section(raw, "metrics")),
         experimental_features=ExperimentalConfig(**_section(raw, "experimental_features")),
     )
 

@@ -11,6 +11,7 @@ from .config import Config
 from .filters import FilterCache
 from .forward import Upstream
 from .identity import Identity
+from .metrics import Metrics
 from .store import Store
 
 
@@ -42,6 +43,7 @@ class Context:
     identity: Identity
     store: Store
     filters: FilterCache
+    metrics: Metrics
     # Serialises writes of one (user, room, type): the store's order of events is then
     # the homeserver's order of accepted writes.
     type_locks: KeyedLocks = field(default_factory=KeyedLocks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import time
 import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from yarl import URL
 
 from .config import Config
 from .errors import bad_gateway, gateway_timeout
+from .metrics import Metrics, current_route
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +84,9 @@ class UpstreamReply:
 
 
 class Upstream:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, metrics: Metrics) -> None:
         self._config = config
+        self._latency = metrics.upstream_latency
         self._base = str(config.upstream.url)
         self._trusted = config.proxy.trusted_forwarders
         self._session: aiohttp.ClientSession | None = None
@@ -201,6 +204,7 @@ class Upstream:
             data = request.content
         else:
             data = None
+        started = time.monotonic()
         async with self.upstream_errors():
             async with self.session.request(
                 request.method,
@@ -212,6 +216,7 @@ class Upstream:
                 # aiohttp would otherwise add Content-Type or chunk a known length.
                 skip_auto_headers=(hdrs.CONTENT_TYPE,),
             ) as response:
+                self._latency.labels(current_route.get()).observe(time.monotonic() - started)
                 yield response
 
     async def relay(

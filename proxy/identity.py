@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 
 from .errors import RelayedResponse, bad_gateway
 from .forward import Upstream
+from .metrics import Metrics
 
 WHOAMI_PATH = "/_matrix/client/v3/account/whoami"
 
@@ -59,8 +60,9 @@ class Requester:
 
 
 class Identity:
-    def __init__(self, upstream: Upstream, *, ttl: float, max_size: int) -> None:
+    def __init__(self, upstream: Upstream, metrics: Metrics, *, ttl: float, max_size: int) -> None:
         self._upstream = upstream
+        self._lookups = metrics.identity_cache
         self._ttl = ttl
         self._max_size = max_size
         self._cache: OrderedDict[bytes, tuple[float, str, str | None]] = OrderedDict()
@@ -88,9 +90,11 @@ class Identity:
         if cached is not None and cached[0] > now:
             self._cache.move_to_end(key)
             self.hits += 1
+            self._lookups.labels("hit").inc()
             return Requester(cached[1], cached[2], credentials)
 
         self.misses += 1
+        self._lookups.labels("miss").inc()
         future = self._in_flight.get(key)
         if future is None:
             future = asyncio.ensure_future(self._whoami(request, credentials))

@@ -185,6 +185,8 @@ class SyncRewrite:
     body: dict[str, Any]
     # stream_ids of this device's pending deletes that the final body carries.
     delivered: frozenset[int]
+    # How many deletion entries the proxy added (the homeserver had not sent them).
+    injected: int = 0
 
     def changed(self, original: dict[str, Any]) -> bool:
         return self.body is not original
@@ -212,11 +214,12 @@ def rewrite_sync(
     out = body
     if full_state:
         out = strip_deletions(out, keep={(p.room_id, p.account_data_type) for p in pending})
-    if pending:
-        out = inject(out, pending, sync_filter, joined_rooms)
+    if not pending:
+        return SyncRewrite(out, frozenset())
+    out = inject(out, pending, sync_filter, joined_rooms)
     carried = deletions_in(out)
     delivered = frozenset(p.stream_id for p in pending if (p.room_id, p.account_data_type) in carried)
-    return SyncRewrite(out, delivered)
+    return SyncRewrite(out, delivered, injected=len(carried - deletions_in(body)))
 
 
 def strip_legacy_initial_sync(body: dict[str, Any]) -> dict[str, Any]:

@@ -126,3 +126,15 @@ def match(method: str, raw_path: str, routes: tuple[Route, ...] = MSC3391_ROUTES
         params = {k: unquote(v) if v else v for k, v in m.groupdict().items()}
         return RouteMatch(route, params, method in route.methods)
     return None
+
+
+# Path segments that are part of an endpoint's name rather than data: lowercase words,
+# API versions, and namespaced unstable prefixes. Everything else (IDs, event types,
+# tokens, media IDs, device IDs) is user data and never reaches a log line or a label.
+_STATIC_SEGMENT = re.compile(r"^(?:[a-z_]+|v\d+|r0|api|org\.matrix\.[a-z0-9._]+)$")
+
+
+def template(raw_path: str) -> str:
+    """The request path with every data segment replaced by `{}`, and no query."""
+    path, _ = split_raw_path(raw_path)
+    return "/".join(s if not s or _STATIC_SEGMENT.match(s) else "{}" for s in path.split("/"))

@@ -268,6 +268,10 @@ class Store:
         devices = self._devices_with_rows.get(user_id)
         return devices is not None and device_id in devices
 
+    def devices_pending(self) -> int:
+        """How many devices have something to learn (for the metrics)."""
+        return sum(map(len, self._devices_with_rows.values()))
+
     def has_rows(self, user_id: str) -> bool:
         return user_id in self._devices_with_rows
 

@@ -27,7 +27,7 @@ from .errors import MatrixError, RelayedResponse, bad_gateway
 from .filters import NO_FILTER, SyncFilter
 from .forward import accept_encoding_we_can_read, body_response, decode_body
 from .identity import Requester
-from .rewrite import may_hold_deletions, rewrite_sync, rooms_to_place, strip_legacy_initial_sync
+from .rewrite import SyncRewrite, may_hold_deletions, rewrite_sync, rooms_to_place, strip_legacy_initial_sync
 from .store import PendingDelete, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
     await _best_effort(_sweep_vanished_devices(ctx, request, requester), None)
     if since and device_id is not None:
         # Asking for what follows `since` proves the response that returned it arrived.
-        await _best_effort(store.acknowledge_since(requester.user_id, device_id, since), 0)
+        acknowledged = await _best_effort(store.acknowledge_since(requester.user_id, device_id, since), 0)
+        ctx.metrics.acknowledgements.labels("sync").inc(acknowledged)
     has_pending = device_id is not None and store.has_pending(requester.user_id, device_id)
     incremental = bool(since)
 
@@ -116,7 +117,7 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
     body = await _off_loop(len(plain), lambda: _parse(plain))
     sync_filter, joined = await _injection_context(ctx, request, requester, body, pending, incremental)
 
-    def work() -> tuple[bytes | None, frozenset[int]]:
+    def work() -> tuple[bytes | None, SyncRewrite]:
         result = rewrite_sync(
             body,
             incremental=incremental,
@@ -125,9 +126,13 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
             sync_filter=sync_filter,
             joined_rooms=joined,
         )
-        return (_dumps(result.body) if result.changed(body) else None), result.delivered
+        return (_dumps(result.body) if result.changed(body) else None), result
 
-    out, delivered = await _off_loop(len(plain), work)
+    out, result = await _off_loop(len(plain), work)
+    delivered = result.delivered
+    ctx.metrics.injected.inc(result.injected)
+    if out is not None and result.injected == 0:
+        ctx.metrics.stripped.inc()
     next_batch = body.get("next_batch")
     if delivered and device_id is not None and isinstance(next_batch, str):
         # Recorded before the response leaves: if it arrives, the proof can be checked.
@@ -216,4 +221,5 @@ async def legacy_initial_sync(
     stripped = strip_legacy_initial_sync(body)
     if stripped is body:
         return body_response(upstream, raw, decoded=False)
+    ctx.metrics.stripped.inc()
     return body_response(upstream, _dumps(stripped), decoded=True)
