@@ -191,15 +191,19 @@ async def _delete(
     ctx: Context, request: web.Request, requester: Requester, room_id: str | None, account_data_type: str
 ) -> None:
     user_id = requester.user_id
+    path = _account_data_path(user_id, room_id, account_data_type)
     async with ctx.type_locks.hold((user_id, room_id, account_data_type)):
+        current = await _call(ctx, request, requester, "GET", path)
+        if current.status == 404 or (current.status == 200 and _is_empty_object(current.body)):
+            # Never set, or deleted already: as in Synapse, nothing changes and no
+            # device is told again.
+            return
         devices = await device_ids(ctx, request, requester)
         stream_id = await ctx.store.begin_delete(
             user_id, room_id, account_data_type, requester.device_id, devices
         )
         try:
-            reply = await _call(
-                ctx, request, requester, "PUT", _account_data_path(user_id, room_id, account_data_type), {}
-            )
+            reply = await _call(ctx, request, requester, "PUT", path, {})
         except MatrixError:
             # 502/504: the write may or may not have landed. Ask, rather than guess.
             if await settle(ctx, request, requester, stream_id) is True:

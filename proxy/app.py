@@ -28,7 +28,7 @@ from .forward import Upstream
 from .identity import Identity
 from .logs import new_request_id, request_id
 from .metrics import Metrics, current_route
-from .routing import RouteName, match, template
+from .routing import RouteMatch, RouteName, match, template
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -52,21 +52,31 @@ ROUTES: dict[RouteName, Handler] = {
 }
 
 CONTEXT = web.AppKey("context", Context)
-ROUTE = "msc3391_proxy.route"  # the owned route a request was dispatched to
+ROUTE = web.RequestKey("route", str)  # the owned route a request was dispatched to
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    if ctx.config.msc3391_enabled:
-        found = match(request.method, request.raw_path)
-        if found is not None:
-            current_route.set(found.name.value)
-            request[ROUTE] = found.name.value
-            if found.method_allowed:
-                return await ROUTES[found.name](ctx, request, found.params)
-            if found.route.owns_path:
-                raise unrecognized(405)
-    return await ctx.upstream.forward(request)
+    found = match(request.method, request.raw_path)
+    if ctx.config.msc3391_enabled and found is not None:
+        current_route.set(found.name.value)
+        request[ROUTE] = found.name.value
+        if found.method_allowed:
+            return await ROUTES[found.name](ctx, request, found.params)
+        if found.route.owns_path:
+            raise unrecognized(405)
+    return await ctx.upstream.forward(request, read_timeout=_forward_read_timeout(ctx, request, found))
+
+
+def _forward_read_timeout(ctx: Context, request: web.Request, found: RouteMatch | None) -> float | None:
+    """Syncs forwarded untouched (feature off) keep their long-poll and initial-sync time."""
+    if found is None or not found.method_allowed:
+        return None
+    if found.name is RouteName.SYNC:
+        return ctx.upstream.sync_read_timeout(request.query)
+    if found.name in (RouteName.INITIAL_SYNC, RouteName.ROOM_INITIAL_SYNC):
+        return max(ctx.config.upstream.initial_sync_timeout, ctx.config.upstream.read_timeout)
+    return None
 
 
 async def health(request: web.Request) -> web.Response:

@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""The benchmark of issue 5, in one command: `python3 bench/run.py [--quick]`.
+
+Starts everything itself on loopback (nginx static upstream, nginx reverse proxy, the
+proxy as `python -m proxy`, two real Synapse 1.163.2 homeservers, a slow upstream),
+measures every figure of the issue, and writes docs/benchmarks.md. A full run takes
+about 15-20 minutes; `--quick` is a smoke test of under 2 minutes (short durations,
+small sizes, one repetition) that writes its report to a temporary file instead.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+
+
+def _enter_venv() -> None:
+    """Run under the project's .venv python (creating it, as scripts/test.py does, if missing)."""
+    if Path(sys.prefix).resolve() == (ROOT / ".venv").resolve():
+        return
+    if not VENV_PYTHON.exists():
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from _bootstrap import ensure_project_venv  # type: ignore[import-not-found]
+
+        ensure_project_venv()
+    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    _enter_venv()
+
+sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+SECTIONS = ("floor", "passthrough", "synapse", "memory", "store")
+
+
+def ensure_tools() -> None:
+    missing = [
+        tool
+        for tool in ("nginx", "wrk")
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()
+    ]
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        sys.exit(f"bench: needs {' and '.join(missing)} (Debian: apt-get install -y nginx wrk)")
+    print(f"[bench] installing {' '.join(missing)} with apt-get ...", file=sys.stderr, flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "nginx", "wrk"], check=True, env=env)
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except OSError:
+        return "?"
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+def machine_facts(synapse_python: Path | None) -> dict[str, Any]:
+    import aiohttp
+    import orjson
+
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    git = _version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "proxy"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    facts = {
+        "cores (nproc)": os.cpu_count(),
+        "memory": f"{mem_kib / 1024 / 1024:.1f} GiB",
+        "CPU": cpu,
+        "kernel": platform.release(),
+        "Python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "orjson": orjson.__version__,
+        "nginx": _version([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]).replace("nginx version: ", ""),
+        "wrk": _version(["wrk", "-v"]).split(" Copyright")[0],
+        "Synapse": _version([str(synapse_python), "-c", "import synapse; print(synapse.__version__)"])
+        if synapse_python
+        else "not run",
+        "proxy code": f"git {git}" + (" with uncommitted changes in proxy/" if dirty else ""),
+    }
+    return {"facts": facts, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def _busy_ticks() -> int:
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal ...
+    return fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="The msc3391-proxy benchmark (issue 5).")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test: short runs, small sizes (< 2 minutes)"
+    )
+    parser.add_argument(
+        "--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)} (for development)"
+    )
+    parser.add_argument(
+        "--output", metavar="PATH", help="the report (default: docs/benchmarks.md; --quick: a temp file)"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (configs, logs)")
+    args = parser.parse_args()
+
+    from bench import memory_bench, passthrough, report, store_bench, synapse_bench
+    from bench.harness import Wrk, say
+    from bench.settings import FULL, QUICK
+    from tests.synapse_rig import ProxyProcess, ensure_synapse_venv
+
+    settings = QUICK if args.quick else FULL
+    sections = set(SECTIONS if not args.only else args.only.split(","))
+    unknown = sections - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    ensure_tools()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every server started here
+
+    command = "python3 bench/run.py" + (" --quick" if args.quick else "")
+    if args.only:
+        command += f" --only {args.only}"
+    synapse_python = ensure_synapse_venv(say=say) if "synapse" in sections else None
+    workdir = Path(tempfile.mkdtemp(prefix="msc3391-bench-"))
+    workdir.chmod(0o755)  # nginx workers (nobody) read the static files below it
+    say(f"working directory {workdir}")
+    started = time.monotonic()
+    busy_start = _busy_ticks()
+    load_start = os.getloadavg()
+    results: dict[str, Any] = {"machine": machine_facts(synapse_python)}
+    wrk = Wrk(workdir)
+
+    def proxy_factory(upstream_url: str, name: str) -> ProxyProcess:
+        proxy = ProxyProcess(
+            workdir, upstream_url, msc3391=True, extra_toml='[proxy]\nlog_level = "WARNING"', name=name
+        )
+        proxy.start()
+        return proxy
+
+    stack: list[Any] = []
+    try:
+        bodies = passthrough.make_bodies(settings)
+        if "floor" in sections or "passthrough" in sections:
+            say("floor: orjson loads+dumps on the sync bodies, in-process")
+            results["floor"] = passthrough.floors(settings, bodies)
+        upstream = None
+        if sections & {"passthrough", "store"}:
+            root = workdir / "static"
+            passthrough.write_static_files(root, bodies)
+            upstream = passthrough.static_upstream(workdir, root)
+            upstream.start()
+            stack.append(upstream)
+        if "passthrough" in sections:
+            assert upstream is not None
+            proxy = proxy_factory(f"http://127.0.0.1:{upstream.ports[0]}", "proxy-static")
+            stack.append(proxy)
+            results["passthrough"] = passthrough.run(
+                settings, workdir, wrk, upstream, proxy.process.pid, proxy.url
+            )
+            proxy.stop()
+        if "synapse" in sections:
+            results["synapse"] = synapse_bench.run(settings, workdir, wrk, proxy_factory)
+        if "memory" in sections:
+            results["memory"] = memory_bench.run(settings, workdir, wrk, proxy_factory)
+        if "store" in sections:
+            assert upstream is not None
+            results["store"] = store_bench.run(settings, workdir, f"http://127.0.0.1:{upstream.ports[0]}")
+    finally:
+        for thing in reversed(stack):
+            thing.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    wall = time.monotonic() - started
+    times = os.times()
+    own = times.user + times.system + times.children_user + times.children_system
+    machine_cpu = (_busy_ticks() - busy_start) / os.sysconf("SC_CLK_TCK")
+    cores = os.cpu_count() or 1
+    results["background"] = {
+        "loadavg_start": " ".join(f"{x:.2f}" for x in load_start),
+        "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "own_cpu_s": own,
+        "other_cpu_s": max(0.0, machine_cpu - own),
+        "wall_s": wall,
+        "cores": cores,
+        "other_share": max(0.0, machine_cpu - own) / (wall * cores),
+    }
+    text = report.render(results, settings, command)
+    output = Path(args.output) if args.output else None
+    if output is None:
+        output = (
+            Path(tempfile.gettempdir()) / "msc3391-bench-quick.md"
+            if args.quick
+            else ROOT / "docs" / "benchmarks.md"
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    print(text)
+    say(f"done in {wall / 60:.1f} min; report written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Real Synapse 1.163.2: the client calls the proxy must not slow down, and the delete.
+
+Two Synapses from `tests/synapse_rig.py`: one with its own `msc3391_enabled` off (behind
+the proxy, as deployed) and one with it on (the reference for the DELETE). Targets:
+Synapse directly, nginx as a plain reverse proxy, and the proxy. For the DELETE,
+"directly" and "nginx" reach the Synapse with the flag on (its own DELETE), the
+proxy reaches the one with it off (whoami, device list, PUT {} and two store
+transactions per delete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.synapse_rig import Account, ProxyProcess, SynapseServer, http_json, login, register
+
+from .harness import (
+    Nginx,
+    Target,
+    Workload,
+    Wrk,
+    WrkResult,
+    free_port,
+    nginx_reverse_proxy_server,
+    run_interleaved,
+    say,
+    summarize,
+)
+from .settings import Settings
+
+DELETE_PREFIX = "bench.del."
+
+
+def quote(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+def start_synapses(workdir: Path) -> tuple[SynapseServer, SynapseServer]:
+    """One after the other, from this (the main) thread: the rig asks Linux to stop a
+    server when the thread that started it ends (PR_SET_PDEATHSIG is per thread)."""
+    plain = SynapseServer(workdir / "synapse-off", msc3391=False)
+    reference = SynapseServer(workdir / "synapse-on", msc3391=True)
+    plain.start()
+    try:
+        reference.start()
+    except BaseException:
+        plain.stop()
+        raise
+    return plain, reference
+
+
+def new_user(base_url: str, prefix: str) -> tuple[Account, Account]:
+    """A fresh user with two devices (so a delete has another device to tell)."""
+    name = f"{prefix}-{secrets.token_hex(4)}"
+    first = register(base_url, name)
+    second = login(base_url, name)
+    return first, second
+
+
+async def _put_types(base_url: str, account: Account, names: list[str], concurrency: int = 16) -> None:
+    queue = list(names)
+    headers = {**account.headers, "Content-Type": "application/json"}
+    user = quote(account.user_id)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while queue:
+            name = queue.pop()
+            url = f"{base_url}/_matrix/client/v3/user/{user}/account_data/{quote(name)}"
+            async with session.put(url, data=b'{"setting":true,"n":1}', headers=headers) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"PUT {name}: {r.status} {await r.text()}")
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+
+
+def run(settings: Settings, workdir: Path, wrk: Wrk, proxy_factory: Any) -> dict[str, Any]:
+    say("Synapse: starting two homeservers (own MSC3391 flag off and on)")
+    plain, reference = start_synapses(workdir)
+    proxy: ProxyProcess | None = None
+    nginx: Nginx | None = None
+    try:
+        port_plain, port_ref = free_port(), free_port()
+        servers = nginx_reverse_proxy_server(port_plain, plain.port or 0, "synapse_off")
+        servers += nginx_reverse_proxy_server(port_ref, reference.port or 0, "synapse_on")
+        nginx = Nginx(workdir, "nginx-proxy-synapse", servers, [port_plain, port_ref])
+        nginx.start()
+        proxy = proxy_factory(plain.url, "proxy-synapse")
+        proxy_pid = proxy.process.pid
+        nginx_pids = nginx.worker_pids
+
+        main, _ = new_user(plain.url, "bench")
+        user = quote(main.user_id)
+        status, _ = http_json(
+            "PUT",
+            f"{plain.url}/_matrix/client/v3/user/{user}/account_data/bench.get",
+            {"theme": "dark", "n": 1},
+            token=main.access_token,
+        )
+        assert status == 200
+        status, synced = http_json("GET", f"{plain.url}/_matrix/client/v3/sync", token=main.access_token)
+        assert status == 200
+        since = synced["next_batch"]
+        auth = (f"Authorization: Bearer {main.access_token}",)
+
+        targets = [
+            Target("direct", "Synapse directly", plain.url),
+            Target("nginx", "nginx reverse proxy", f"http://127.0.0.1:{port_plain}", nginx_pids),
+            Target("proxy", "msc3391-proxy", proxy.url, lambda: [proxy_pid]),
+        ]
+        # The DELETE: Synapse's own (flag on) directly and through nginx; the proxy's.
+        delete_targets = {
+            "direct": Target("direct", "Synapse (flag on) directly", reference.url),
+            "nginx": Target(
+                "nginx", "nginx -> Synapse (flag on)", f"http://127.0.0.1:{port_ref}", nginx_pids
+            ),
+            "proxy": Target("proxy", "msc3391-proxy -> Synapse", proxy.url, lambda: [proxy_pid]),
+        }
+        upstream_of = {"direct": reference.url, "nginx": reference.url, "proxy": plain.url}
+        # Deletes per second seen so far per (workload, target): sizes the next set of types.
+        seen_rate: dict[tuple[str, str], float] = {}
+
+        def delete_workload(connections: int, seconds: int) -> Workload:
+            key = f"delete_c{connections}"
+
+            def prepare(target: Target, rep: int) -> dict[str, Any]:
+                threads = 1 if connections < 8 else 2
+                rate = seen_rate.get((key, target.key), 400.0 if connections > 1 else 150.0)
+                per_thread = int(rate * seconds * 1.6 / threads) + 50
+                base = upstream_of[target.key]
+                account, _ = new_user(base, f"del{connections}")
+                names = [
+                    f"{DELETE_PREFIX}{t}.{k}" for t in range(1, threads + 1) for k in range(1, per_thread + 1)
+                ]
+                asyncio.run(_put_types(base, account, names))
+                prefix = (
+                    "/_matrix/client/unstable/org.matrix.msc3391/user/"
+                    f"{quote(account.user_id)}/account_data/{DELETE_PREFIX}"
+                )
+                return {
+                    "path": "/",
+                    "headers": (f"Authorization: Bearer {account.access_token}",),
+                    "delete_prefix": prefix,
+                    "delete_per_thread": per_thread,
+                }
+
+            def finish(target: Target, result: WrkResult) -> None:
+                old = seen_rate.get((key, target.key), 0.0)
+                seen_rate[(key, target.key)] = max(old, result.rps)
+
+            return Workload(
+                key,
+                f"MSC3391 DELETE, {connections} conn{'s' if connections > 1 else ''}",
+                "/",
+                connections,
+                seconds,
+                prepare=prepare,
+                finish=finish,
+                warmup=False,
+            )
+
+        s = settings.synapse_seconds
+        workloads = [
+            Workload("whoami", "whoami, 8 conns", "/_matrix/client/v3/account/whoami", 8, s, auth),
+            Workload(
+                "account_data_get",
+                "account data GET, 8 conns",
+                f"/_matrix/client/v3/user/{user}/account_data/bench.get",
+                8,
+                s,
+                auth,
+            ),
+            Workload(
+                "sync_incremental",
+                "incremental /sync (timeout=0), 8 conns",
+                f"/_matrix/client/v3/sync?since={quote(since)}&timeout=0",
+                8,
+                s,
+                auth,
+            ),
+            delete_workload(8, settings.delete_seconds),
+            delete_workload(1, settings.delete_seconds),
+        ]
+
+        def target_for(workload: Workload, target: Target) -> Target:
+            return delete_targets[target.key] if workload.key.startswith("delete") else target
+
+        say("Synapse: whoami, account data GET, incremental sync, DELETE; targets interleaved")
+        results = run_interleaved(
+            wrk,
+            workloads,
+            targets,
+            reps=settings.reps,
+            warmup_seconds=settings.warmup_seconds,
+            target_for=target_for,
+        )
+        return {
+            "workloads": {w.key: w.label for w in workloads},
+            "targets": {t.key: t.label for t in targets},
+            "delete_targets": {k: t.label for k, t in delete_targets.items()},
+            "summary": {wk: {tk: summarize(runs) for tk, runs in per.items()} for wk, per in results.items()},
+        }
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        if nginx is not None:
+            nginx.stop()
+        plain.stop()
+        reference.stop()

@@ -1,0 +1,49 @@
+"""Run the whole test suite: `python3 scripts/test.py [pytest arguments]`.
+
+Works on a fresh machine with python3 (3.11+): sets up `.venv`, installs Synapse into
+its own cached venv (so the first integration test does not spend its time
+installing), runs `ruff check`, then pytest with the given arguments. The exit
+status is pytest's (5, "no tests collected", counts as a failure), or 1 if only
+ruff failed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from _bootstrap import ROOT, enter_venv, say, use_repository_modules
+
+
+def main() -> int:
+    enter_venv()
+    use_repository_modules()
+    from tests.synapse_rig import SYNAPSE_SPEC, ensure_synapse_venv, synapse_venv_path
+
+    say(f"Synapse: {SYNAPSE_SPEC} in {synapse_venv_path()}")
+    try:
+        ensure_synapse_venv(say=say)
+    except RuntimeError as e:
+        say(f"error: {e}")
+        return 1
+
+    say("ruff check proxy tests scripts")
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "proxy", "tests", "scripts"], cwd=ROOT)
+
+    args = sys.argv[1:]
+    say("pytest " + " ".join(args))
+    tests = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=ROOT).returncode
+    if tests == 5:
+        say("FAILED: pytest ran no tests")
+    elif tests != 0:
+        say(f"FAILED: pytest exited with {tests}")
+    if lint.returncode != 0:
+        say("FAILED: ruff check found problems")
+        return tests or 1
+    if tests == 0:
+        say("all passed")
+    return tests
+
+
+if __name__ == "__main__":
+    sys.exit(main())
