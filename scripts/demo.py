@@ -2,8 +2,11 @@
 
 Starts a real Synapse (its own MSC3391 flag off) on 127.0.0.1:8008 and the proxy
 with `msc3391_enabled = true` on 127.0.0.1:8009 in front of it (other free ports if
-those are taken), all files in `.demo/` (wiped at each start). Registers `alice`
-with two devices and prints ready-to-paste curl commands. Runs until Ctrl-C.
+those are taken), metrics on 127.0.0.1:9109, all files in `.demo/` (wiped at each
+start). Registers `alice` with three devices and prints, in order, ready-to-paste
+commands: device A sets, reads and deletes a type; device B's sync sees the deletion;
+device C, offline meanwhile, sees it when it syncs from its old token, and only then
+leaves `account_data_unsynced_deletes`. Runs until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from _bootstrap import ROOT, enter_venv, say, use_repository_modules
 
 DEMO_DIR = ROOT / ".demo"
 TYPE = "org.example.demo"
+# Reads a sync body on stdin, prints its global account data entries of the demo type.
+_ACCOUNT_DATA_OF_TYPE = (
+    "import json,sys; b=json.load(sys.stdin); "
+    f'print([e for e in b.get("account_data",{{}}).get("events",[]) if e["type"]=="{TYPE}"])'
+)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -67,8 +75,13 @@ def main() -> int:
     try:
         say(f"starting Synapse {SYNAPSE_VERSION} ...")
         synapse.start()
+        metrics_port = 9109 if port_is_free(9109) else free_port()
         proxy = ProxyProcess(
-            DEMO_DIR, synapse.url, msc3391=True, port=8009 if port_is_free(8009) else free_port()
+            DEMO_DIR,
+            synapse.url,
+            msc3391=True,
+            port=8009 if port_is_free(8009) else free_port(),
+            extra_toml=f"[metrics]\nenabled = true\nport = {metrics_port}\n",
         )
         say("starting the proxy ...")
         proxy.start()
@@ -76,18 +89,27 @@ def main() -> int:
         # Through the proxy, as a client would.
         device_a = register(proxy.url, "alice", "password")
         device_b = login(proxy.url, "alice", "password")
-        status, synced = http_json(
-            "GET", f"{proxy.url}/_matrix/client/v3/sync?timeout=0", token=device_b.access_token
-        )
-        if status != 200:
-            raise RuntimeError(f"device B's first sync failed: {status} {synced}")
-        since = synced["next_batch"]
+        device_c = login(proxy.url, "alice", "password")
+        tokens = {}
+        for name, device in (("B", device_b), ("C", device_c)):
+            status, synced = http_json(
+                "GET", f"{proxy.url}/_matrix/client/v3/sync?timeout=0", token=device.access_token
+            )
+            if status != 200:
+                raise RuntimeError(f"device {name}'s first sync failed: {status} {synced}")
+            tokens[name] = synced["next_batch"]
 
         p, user = proxy.url, device_a.user_id
         data_url = f"{p}/_matrix/client/v3/user/{user}/account_data/{TYPE}"
         delete_url = f"{p}/_matrix/client/unstable/org.matrix.msc3391/user/{user}/account_data/{TYPE}"
-        a, b = device_a.access_token, device_b.access_token
+        a, b, c = device_a.access_token, device_b.access_token, device_c.access_token
         rel = DEMO_DIR.relative_to(ROOT)
+        sync_url = f"{p}/_matrix/client/v3/sync?timeout=0&since="
+        inspect = shlex.join(
+            [str(ROOT / ".venv/bin/msc3391-proxy"), "inspect", "--config", str(proxy.config_path)]
+        )
+        only_demo = f"python3 -c {shlex.quote(_ACCOUNT_DATA_OF_TYPE)}"
+        next_batch = "python3 -c " + shlex.quote('import json,sys; print(json.load(sys.stdin)["next_batch"])')
         print(
             f"""
 Synapse {SYNAPSE_VERSION} (its own MSC3391 flag off): {synapse.url}   log: {rel}/synapse/homeserver.log
@@ -97,8 +119,9 @@ Proxy URL: {p}
 {user} (password "password")
   device A {device_a.device_id}  access token {a}
   device B {device_b.device_id}  access token {b}
+  device C {device_c.device_id}  access token {c}   (offline until step 7)
 
-Paste into another terminal:
+Paste into another terminal, in order:
 
 # 1. Device A sets global account data {TYPE}:
 {curl("PUT", data_url, a, {"colour": "blue"})}
@@ -108,9 +131,22 @@ Paste into another terminal:
 {curl("DELETE", delete_url, a)}
 # 4. Reading it now gives 404 M_NOT_FOUND:
 {curl("GET", data_url, a)}
-# 5. Device B's incremental sync (since its last sync, before step 1) shows the deletion
-#    in account_data.events: {{"type":"{TYPE}","content":{{}}}}
-{curl("GET", f"{p}/_matrix/client/v3/sync?since={since}&timeout=0", b)}
+# 5. The proxy knows who has not seen the deletion yet: devices B and C.
+{inspect}
+# 6. Device B's incremental sync (from its token before step 1) carries the deletion:
+#    [{{"type":"{TYPE}","content":{{}}}}]
+{curl("GET", sync_url + tokens["B"], b)} | {only_demo}
+# 7. Device C was offline; it syncs from its old token and sees the deletion too:
+{curl("GET", sync_url + tokens["C"], c)} | {only_demo}
+#    A device's row goes when it proves it got the response: its next sync uses that
+#    response's next_batch (a real client does this by itself). Until then, step 5 still
+#    lists it. Do it for C (B's row goes the same way):
+NB=$({curl("GET", sync_url + tokens["C"], c)} | {next_batch})
+curl -sS "{sync_url}$NB" -H "Authorization: Bearer {c}" > /dev/null; {inspect}
+# 8. A fresh initial sync never carries {{}} entries: [] here
+{curl("GET", f"{p}/_matrix/client/v3/sync?timeout=0", b)} | {only_demo}
+# 9. The proxy's metrics (deletes, acknowledgements, requests by route):
+curl -sS http://127.0.0.1:{metrics_port}/metrics | grep '^msc3391_proxy_[a-z_]*_total'
 
 Running; Ctrl-C stops both.
 """,

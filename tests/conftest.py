@@ -11,20 +11,11 @@ import pytest
 
 from proxy.config import parse_config
 from proxy.server import ProxyServer
+from tests.synapse_rig import merged
 
 pytest_plugins = ["tests.synapse_rig", "tests.fake_homeserver"]
 
 StartProxy = Callable[..., Awaitable[ProxyServer]]
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 @pytest.fixture
@@ -34,7 +25,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     servers: list[ProxyServer] = []
 
     async def start(upstream_url: str, *, msc3391: bool = True, **sections: Any) -> ProxyServer:
-        raw = _merge(
+        raw = merged(
             {
                 "listen": {"host": "127.0.0.1", "port": 0},
                 "upstream": {"url": upstream_url},

@@ -579,11 +579,11 @@ def toml_dumps(document: Mapping[str, Any], _prefix: str = "") -> str:
     return out
 
 
-def _merged(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def merged(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merged(out[key], value)
+            out[key] = merged(out[key], value)
         else:
             out[key] = value
     return out
@@ -608,7 +608,7 @@ class ProxyProcess:
         self.port = port if port is not None else free_port(host)
         self.config_path = self.directory / f"{name}.toml"
         self.log_path = self.directory / f"{name}.log"
-        self.config = _merged(
+        self.config = merged(
             {
                 "listen": {"host": host, "port": self.port},
                 "upstream": {"url": upstream_url},

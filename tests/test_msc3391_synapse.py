@@ -74,6 +74,15 @@ def another_device(synapse: SynapseServer) -> Callable[[Device], Awaitable[Devic
     return make
 
 
+async def set_and_delete(device: Device, kind: str, room_id: str | None = None) -> None:
+    """Set `kind`, delete it, and move `device`'s sync token past both."""
+    if device.next_batch is None:
+        await device.sync(initial=True)
+    await device.put(kind, {"v": 1}, room_id)
+    await device.delete(kind, room_id)
+    await device.sync()
+
+
 async def rows(store: Store, user_id: str) -> set[tuple[str | None, str, str]]:
     """(room, type, device) of every row of the user in account_data_unsynced_deletes."""
     return {(r.room_id, r.account_data_type, r.device_id) for r in await store.unsynced_rows(user_id)}
@@ -357,13 +366,9 @@ async def test_a_dropped_response_loses_nothing(devices: MakeDevices, store: Sto
 async def test_a_delete_the_homeserver_does_not_send_is_injected(devices: MakeDevices, store: Store) -> None:
     a, b = await devices(2)
     room_id = await a.create_room()
-    await a.sync(initial=True)
     await b.sync(initial=True)
-    await a.put("org.example.g", {"v": 1})
-    await a.put("org.example.r", {"v": 1}, room_id)
-    await a.delete("org.example.g")
-    await a.delete("org.example.r", room_id)
-    await a.sync()  # A's token is past both deletes
+    await set_and_delete(a, "org.example.g")
+    await set_and_delete(a, "org.example.r", room_id)
     # B syncs from a token the homeserver has nothing new for: only the proxy knows.
     body = await b.sync(since=a.next_batch)
     assert global_entries(body, "org.example.g") == [{"type": "org.example.g", "content": {}}]
@@ -374,10 +379,7 @@ async def test_a_delete_the_homeserver_does_not_send_is_injected(devices: MakeDe
 
 async def test_injection_honours_the_filter_inline_and_by_id(devices: MakeDevices, store: Store) -> None:
     a, b = await devices(2)
-    await a.sync(initial=True)
-    await a.put("org.example.hidden", {"v": 1})
-    await a.delete("org.example.hidden")
-    await a.sync()
+    await set_and_delete(a, "org.example.hidden")
     not_hidden = {"account_data": {"not_types": ["org.example.hidden"]}}
     body = await b.sync(since=a.next_batch, filter=not_hidden)
     assert global_entries(body, "org.example.hidden") == []
@@ -397,10 +399,7 @@ async def test_injection_honours_the_filter_inline_and_by_id(devices: MakeDevice
 
 async def test_full_state_keeps_only_what_the_device_has_to_learn(devices: MakeDevices, store: Store) -> None:
     a, b = await devices(2)
-    await a.sync(initial=True)
-    await a.put("org.example.fs", {"v": 1})
-    await a.delete("org.example.fs")
-    await a.sync()
+    await set_and_delete(a, "org.example.fs")
     body = await b.sync(since=a.next_batch, full_state=True)
     assert (None, "org.example.fs") in empty_entries(body)
     await b.sync()
