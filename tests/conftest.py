@@ -1,5 +1,6 @@
 """Shared fixtures. The real-Synapse rig lives in `tests/synapse_rig.py`, the fake
-homeserver in `tests/fake_homeserver.py`; both are loaded as plugins here."""
+homeserver in `tests/fake_homeserver.py`, the `require` fixture for nginx and Node.js
+in `tests/prerequisites.py`; all are loaded as plugins here."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import pytest
 
 from proxy.config import parse_config
 from proxy.server import ProxyServer
-from tests.synapse_rig import merged
 
-pytest_plugins = ["tests.synapse_rig", "tests.fake_homeserver"]
+pytest_plugins = ["tests.synapse_rig", "tests.fake_homeserver", "tests.prerequisites"]
 
 StartProxy = Callable[..., Awaitable[ProxyServer]]
 
@@ -22,6 +22,8 @@ StartProxy = Callable[..., Awaitable[ProxyServer]]
 async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     """`await start_proxy(upstream_url, msc3391=True, proxy={...}, ...)`: a proxy in
     this process on a free loopback port; stopped at the end of the test."""
+    from tests.synapse_rig import merged  # here, not at the top: pytest loads it as a plugin
+
     servers: list[ProxyServer] = []
 
     async def start(upstream_url: str, *, msc3391: bool = True, **sections: Any) -> ProxyServer:
