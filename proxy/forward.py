@@ -163,10 +163,6 @@ class Upstream:
             xff, proto = peer, request.scheme
         return {hdrs.X_FORWARDED_FOR: xff, hdrs.X_FORWARDED_PROTO: proto}
 
-    def client_ip(self, request: web.BaseRequest) -> str:
-        """The address the request came from, as the first trusted forwarder saw it."""
-        return self.forwarding_headers(request)[hdrs.X_FORWARDED_FOR].split(",")[0].strip()
-
     def _request_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
         headers = end_to_end(request.headers, drop=(hdrs.X_FORWARDED_FOR, hdrs.X_FORWARDED_PROTO))
         headers.update(self.forwarding_headers(request))

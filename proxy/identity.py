@@ -67,8 +67,7 @@ class Identity:
         self._max_size = max_size
         self._cache: OrderedDict[bytes, tuple[float, str, str | None]] = OrderedDict()
         self._in_flight: dict[bytes, asyncio.Future[tuple[str, str | None]]] = {}
-        self.hits = 0
-        self.misses = 0
+        self.misses = 0  # look-ups that went upstream (or joined one that did)
 
     def headers_for(self, request: web.BaseRequest, credentials: Credentials) -> CIMultiDict[str]:
         """Headers for a request the proxy makes on the caller's behalf."""
@@ -89,7 +88,6 @@ class Identity:
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
             self._cache.move_to_end(key)
-            self.hits += 1
             self._lookups.labels("hit").inc()
             return Requester(cached[1], cached[2], credentials)
 
