@@ -2,13 +2,15 @@
 
 Needs nothing but Python 3.11+: creates `.venv` in the repository if it is missing,
 installs the project with its test tools into it (again only when `pyproject.toml`
-changed), then runs the calling script once more inside that venv.
+changed), then runs the calling script once more inside that venv. Also installs
+Debian packages for `scripts/test.py` (`install_debian_packages`), as root only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +76,28 @@ def use_repository_modules() -> None:
     """Make `tests.synapse_rig` importable (the rig lives with the tests)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+
+
+def install_debian_packages(packages: list[str]) -> bool:
+    """`apt-get update` once, then `apt-get install -y --no-install-recommends PACKAGES`.
+    Only as root on a machine with apt-get; otherwise says so and returns False."""
+    if not packages:
+        return True
+    wanted = " ".join(packages)
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        say(f"not installing {wanted}: that needs root and apt-get (the tests needing them are skipped)")
+        return False
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "--no-install-recommends", *packages],
+    ):
+        say(" ".join(command) + " ...")
+        done = subprocess.run(
+            command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            say("\n".join((done.stdout + done.stderr).splitlines()[-20:]))
+            say(f"error: {command[0]} {command[1]} failed (exit {done.returncode})")
+            return False
+    return True

@@ -2,7 +2,10 @@
 
 Works on a fresh machine with python3 (3.11+): sets up `.venv`, installs Synapse into
 its own cached venv (so the first integration test does not spend its time
-installing), runs `ruff check`, then pytest with the given arguments. The exit
+installing), installs what the nginx and client library tests need (as root with
+apt-get: the Debian packages nginx, and nodejs and npm when there is no `node`; then
+`npm ci` in tests/js when its lockfile changed), runs `ruff check`, then pytest with
+the given arguments. The exit
 status is pytest's (5, "no tests collected", counts as a failure), or 1 if only
 ruff failed.
 """
@@ -12,12 +15,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from _bootstrap import ROOT, enter_venv, say, use_repository_modules
+from _bootstrap import ROOT, enter_venv, install_debian_packages, say, use_repository_modules
 
 
 def main() -> int:
     enter_venv()
     use_repository_modules()
+    from tests.prerequisites import debian_packages_to_install, ensure_js_packages, find_program
     from tests.synapse_rig import SYNAPSE_SPEC, ensure_synapse_venv, synapse_venv_path
 
     say(f"Synapse: {SYNAPSE_SPEC} in {synapse_venv_path()}")
@@ -26,6 +30,17 @@ def main() -> int:
     except RuntimeError as e:
         say(f"error: {e}")
         return 1
+
+    # nginx for tests/test_nginx.py; Node.js and npm for matrix-js-sdk. A `node` from
+    # elsewhere (nodesource, nvm) is kept: Debian's nodejs is installed only without one.
+    install_debian_packages(debian_packages_to_install())
+    if find_program("npm") is None:
+        say("warning: no npm, so no matrix-js-sdk (its test is skipped, or fails under CI)")
+    else:
+        try:
+            ensure_js_packages(say=say)
+        except RuntimeError as e:
+            say(f"warning: {e}")
 
     say("ruff check proxy tests scripts")
     lint = subprocess.run([sys.executable, "-m", "ruff", "check", "proxy", "tests", "scripts"], cwd=ROOT)

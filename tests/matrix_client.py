@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -131,3 +134,14 @@ def empty_entries(body: dict[str, Any]) -> list[tuple[str | None, str]]:
                 if e.get("content") == {}
             ]
     return found
+
+
+def wait_for_match(read: Callable[[], str], pattern: re.Pattern[str], timeout: float = 10.0) -> str:
+    """Poll a log until `pattern` is in it: servers write an access line only after
+    the response has gone out, so a client can be faster than the log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = read()
+        if pattern.search(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
