@@ -18,7 +18,7 @@ log = logging.getLogger("proxy")
 
 
 async def inspect(config: Config, as_json: bool) -> str:
-    store = Store(config.store.path)
+    store = Store(config.store.path, busy_timeout=config.store.busy_timeout)
     await store.open()
     try:
         report = await pending_report(store)

@@ -28,8 +28,9 @@ from .errors import (
     M_INVALID_PARAM,
     M_NOT_FOUND,
     M_NOT_JSON,
+    M_UNKNOWN,
     MatrixError,
-    RelayedResponse,
+    upstream_refusal,
 )
 from .forward import UpstreamReply
 from .identity import Requester
@@ -89,6 +90,30 @@ def _ok() -> web.Response:
     return web.json_response({})
 
 
+class ClientTooSlow(MatrixError):
+    """The client did not send its body within `proxy.client_timeout`: answered 408,
+    and the connection is closed rather than kept for a client in that state."""
+
+    def __init__(self) -> None:
+        super().__init__(408, M_UNKNOWN, "The request body did not arrive in time")
+
+    def response(self) -> web.Response:
+        response = super().response()
+        response.force_close()
+        return response
+
+
+async def read_body(ctx: Context, request: web.Request) -> bytes:
+    """The body of a request the proxy reads itself, within `proxy.client_timeout`
+    (aiohttp has no body read timeout of its own: a trickling client would hold the
+    handler for ever). Its size is bounded by `proxy.max_body_size` (413)."""
+    try:
+        async with asyncio.timeout(ctx.config.proxy.client_timeout):
+            return await request.read()
+    except TimeoutError:
+        raise ClientTooSlow() from None
+
+
 async def caller(ctx: Context, request: web.Request) -> Requester:
     """The authenticated caller, after settling deletes an earlier process left open."""
     requester = await ctx.identity.requester(request)
@@ -126,15 +151,17 @@ async def put(ctx: Context, request: web.Request, params: dict[str, str]) -> web
     account_data_type = params["account_data_type"]
     _check_room_id(room_id)
     _check_can_set(account_data_type)
-    raw = await request.read()
+    raw = await read_body(ctx, request)
     if parse_json_object(raw) == {}:
         await delete_account_data(ctx, request, requester, room_id, account_data_type)
         return _ok()
     key = (requester.user_id, room_id, account_data_type)
     async with ctx.type_locks.hold(key):
         async with ctx.upstream.open(request, body=raw) as upstream:
-            if upstream.status == 200:
-                # Live again: no device needs to hear of the old delete any more.
+            if upstream.status == 200 and ctx.store.has_rows(requester.user_id):
+                # Live again: no device needs to hear of the old delete any more. (A
+                # settled tombstone always has rows: without any, there is none to drop,
+                # and the write does not depend on the store at all.)
                 await ctx.store.revive(*key)
             return await ctx.upstream.relay(request, upstream)
 
@@ -153,10 +180,14 @@ async def get(ctx: Context, request: web.Request, params: dict[str, str]) -> web
             return await ctx.upstream.relay(request, upstream, prefix=prefix)
     deleted = upstream.status == 404 or _is_empty_object(prefix)
     if deleted and requester.device_id is not None:
-        # The device now knows the type is gone: the proof of receipt for a GET.
-        acknowledged = await ctx.store.acknowledge_type(
-            requester.user_id, requester.device_id, room_id, account_data_type
-        )
+        # The device now knows the type is gone: the proof of receipt for a GET. Best
+        # effort, as in /sync: if the store fails, the row stays and a sync tells again.
+        try:
+            acknowledged = await ctx.store.acknowledge_type(
+                requester.user_id, requester.device_id, room_id, account_data_type
+            )
+        except StoreUnavailable:
+            acknowledged = 0  # logged by the store, once per burst
         ctx.metrics.acknowledgements.labels("get").inc(acknowledged)
     if upstream.status == 200 and deleted:
         message = "Room account data not found" if room_id is not None else "Account data not found"
@@ -198,6 +229,10 @@ async def _delete(
             # Never set, or deleted already: as in Synapse, nothing changes and no
             # device is told again.
             return
+        if current.status != 200:
+            # Whether there is anything to delete is unknown: the homeserver's error
+            # goes back rather than a guess (a `{}` written for a type never set).
+            raise upstream_refusal(current.status, current.body, current.content_type, "the read")
         devices = await device_ids(ctx, request, requester)
         stream_id = await ctx.store.begin_delete(
             user_id, room_id, account_data_type, requester.device_id, devices
@@ -212,9 +247,14 @@ async def _delete(
         except BaseException:
             await ctx.store.abort_delete(stream_id)
             raise
+        if reply.status >= 500:
+            # The homeserver failed while handling the write, perhaps after storing it.
+            if await settle(ctx, request, requester, stream_id) is True:
+                return
+            raise upstream_refusal(reply.status, reply.body, reply.content_type, "the write")
         if reply.status != 200:
             await ctx.store.abort_delete(stream_id)
-            raise RelayedResponse(reply.status, reply.body, reply.content_type)
+            raise upstream_refusal(reply.status, reply.body, reply.content_type, "the write")
         await ctx.store.commit_delete(stream_id)
         ctx.metrics.deletes.labels("global" if room_id is None else "room").inc()
 
@@ -251,7 +291,7 @@ async def device_ids(ctx: Context, request: web.Request, requester: Requester) -
     """The account's devices, as the homeserver lists them now."""
     reply = await _call(ctx, request, requester, "GET", "/_matrix/client/v3/devices")
     if reply.status != 200:
-        raise RelayedResponse(reply.status, reply.body, reply.content_type)
+        raise upstream_refusal(reply.status, reply.body, reply.content_type, "the device list")
     try:
         listed = json.loads(reply.body)["devices"]
         return [d["device_id"] for d in listed if isinstance(d.get("device_id"), str)]

@@ -130,7 +130,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         upstream = Upstream(config, metrics)
         await upstream.start()
-        store = Store(config.store.path)
+        store = Store(config.store.path, busy_timeout=config.store.busy_timeout)
         try:
             if config.msc3391_enabled:
                 await store.open()
@@ -151,5 +151,6 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/health", health)
-    app.router.add_route("*", "/{path:.*}", dispatch)
+    # [\s\S], not ".": a decoded path may hold a newline (%0A), and must still reach dispatch.
+    app.router.add_route("*", r"/{path:[\s\S]*}", dispatch)
     return app

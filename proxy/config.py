@@ -43,12 +43,14 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: Path
+    busy_timeout: float
 
 
 @dataclass(frozen=True)
 class ProxyConfig:
     trusted_forwarders: tuple[IPNetwork, ...]
     max_body_size: int
+    client_timeout: float
     identity_cache_ttl: float
     identity_cache_size: int
     shutdown_grace: float
@@ -196,11 +198,17 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any]]] = {
     },
     "store": {
         "path": (_string, "msc3391-proxy.sqlite3"),
+        # How long an operation waits for a lock held by another process before failing.
+        "busy_timeout": (_seconds, 5.0),
     },
     "proxy": {
         "trusted_forwarders": (_networks, ["127.0.0.0/8", "::1/128"]),
         # Bodies the proxy reads itself (account data PUTs, delete_devices); others stream.
         "max_body_size": (_integer(1024, 1 << 30), 1024 * 1024),
+        # Longest a client may take to send a request's headers or a body the proxy reads
+        # itself; also how long an idle keep-alive connection is kept. Above nginx's
+        # upstream keepalive_timeout (60 s), so nginx never reuses a connection as it closes.
+        "client_timeout": (_seconds, 75.0),
         "identity_cache_ttl": (_seconds, 60.0),
         "identity_cache_size": (_integer(1, 10_000_000), 10_000),
         # On SIGTERM: how long in-flight requests may finish before long-polls are cut.
@@ -252,12 +260,13 @@ def parse_config(raw: Mapping[str, Any], base_dir: Path) -> Config:
         if name not in _SCHEMA:
             raise _fail(name, f"unknown section (known: {', '.join(_SCHEMA)})")
     proxy = _section(raw, "proxy")
+    store = _section(raw, "store")
     if proxy["log_file"]:
         proxy["log_file"] = str(_relative_to(base_dir, proxy["log_file"]))
     return Config(
         listen=ListenConfig(**_section(raw, "listen")),
         upstream=UpstreamConfig(**_section(raw, "upstream")),
-        store=StoreConfig(path=_relative_to(base_dir, _section(raw, "store")["path"])),
+        store=StoreConfig(path=_relative_to(base_dir, store["path"]), busy_timeout=store["busy_timeout"]),
         proxy=ProxyConfig(**proxy),
         metrics=MetricsConfig(**_section(raw, "metrics")),
         experimental_features=ExperimentalConfig(**_section(raw, "experimental_features")),

@@ -10,9 +10,10 @@ import json
 
 from aiohttp import web
 
-from .account_data import caller
+from .account_data import caller, read_body
 from .context import Context
 from .identity import Requester
+from .store import StoreUnavailable
 
 
 async def _forward_then(
@@ -21,21 +22,27 @@ async def _forward_then(
     async with ctx.upstream.open(request, body=body) as upstream:
         if upstream.status == 200:
             if on_success is None:
-                await ctx.store.remove_all_devices(requester.user_id)
                 ctx.identity.forget_user(requester.user_id)
-            else:
-                await ctx.store.remove_devices(requester.user_id, on_success)
+            try:
+                if on_success is None:
+                    await ctx.store.remove_all_devices(requester.user_id)
+                else:
+                    await ctx.store.remove_devices(requester.user_id, on_success)
+            except StoreUnavailable:
+                # Logged by the store. The homeserver removed the devices: the client is
+                # told so; their rows go when a later delete or sync sees them missing.
+                pass
         return await ctx.upstream.relay(request, upstream)
 
 
 async def delete_device(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
     requester = await caller(ctx, request)
-    return await _forward_then(ctx, request, await request.read(), [params["device_id"]], requester)
+    return await _forward_then(ctx, request, await read_body(ctx, request), [params["device_id"]], requester)
 
 
 async def delete_devices(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
     requester = await caller(ctx, request)
-    raw = await request.read()
+    raw = await read_body(ctx, request)
     try:
         listed = json.loads(raw).get("devices")
         devices = [d for d in listed if isinstance(d, str)] if isinstance(listed, list) else []
@@ -47,16 +54,16 @@ async def delete_devices(ctx: Context, request: web.Request, params: dict[str, s
 async def logout(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
     requester = await caller(ctx, request)
     gone = [requester.device_id] if requester.device_id is not None else []
-    response = await _forward_then(ctx, request, await request.read(), gone, requester)
+    response = await _forward_then(ctx, request, await read_body(ctx, request), gone, requester)
     ctx.identity.forget_user(requester.user_id) if response.status == 200 else None
     return response
 
 
 async def logout_all(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
     requester = await caller(ctx, request)
-    return await _forward_then(ctx, request, await request.read(), None, requester)
+    return await _forward_then(ctx, request, await read_body(ctx, request), None, requester)
 
 
 async def deactivate(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
     requester = await caller(ctx, request)
-    return await _forward_then(ctx, request, await request.read(), None, requester)
+    return await _forward_then(ctx, request, await read_body(ctx, request), None, requester)

@@ -60,6 +60,24 @@ def error_response(status: int, errcode: str, message: str) -> web.Response:
     )
 
 
+def is_matrix_error(body: bytes) -> bool:
+    """Whether a body is a Matrix error (`{"errcode": "...", ...}`)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and isinstance(parsed.get("errcode"), str)
+
+
+def upstream_refusal(status: int, body: bytes, content_type: str | None, what: str) -> Exception:
+    """What to answer when the homeserver refused one of the proxy's own calls: its
+    Matrix error as it came, or, for anything else (an HTML page from a gateway, an
+    empty body), a Matrix 502: never a plain-text body."""
+    if is_matrix_error(body):
+        return RelayedResponse(status, body, content_type)
+    return bad_gateway(f"The homeserver answered {what} with HTTP {status}")
+
+
 def bad_gateway(message: str = "The homeserver could not be reached") -> MatrixError:
     return MatrixError(502, M_UNKNOWN, message)
 

@@ -87,6 +87,11 @@ class Upstream:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self._config = config
         self._latency = metrics.upstream_latency
+        # Per-request costs paid once: labelled histogram children, trust decisions by
+        # peer address, the default timeout.
+        self._latency_by_route: dict[str, Any] = {}
+        self._trusted_peers: dict[str, bool] = {}
+        self._default_timeout = self._make_timeout(config.upstream.read_timeout)
         self._base = str(config.upstream.url)
         self._trusted = config.proxy.trusted_forwarders
         self._session: aiohttp.ClientSession | None = None
@@ -116,12 +121,12 @@ class Upstream:
     # --- timeouts ---------------------------------------------------------------------
 
     def timeout(self, read: float | None = None) -> aiohttp.ClientTimeout:
+        return self._default_timeout if read is None else self._make_timeout(read)
+
+    def _make_timeout(self, read: float) -> aiohttp.ClientTimeout:
         up = self._config.upstream
         return aiohttp.ClientTimeout(
-            total=None,
-            connect=up.connect_timeout,
-            sock_connect=up.connect_timeout,
-            sock_read=read if read is not None else up.read_timeout,
+            total=None, connect=up.connect_timeout, sock_connect=up.connect_timeout, sock_read=read
         )
 
     def sync_read_timeout(self, query: Mapping[str, str]) -> float:
@@ -138,14 +143,18 @@ class Upstream:
 
     # --- headers ------------------------------------------------------------------------
 
-    def _is_trusted(self, peer: str | None) -> bool:
-        if not peer:
-            return False
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(address in net for net in self._trusted)
+    def _is_trusted(self, peer: str) -> bool:
+        trusted = self._trusted_peers.get(peer)
+        if trusted is None:
+            try:
+                address = ipaddress.ip_address(peer)
+                trusted = any(address in net for net in self._trusted)
+            except ValueError:
+                trusted = False
+            if len(self._trusted_peers) >= 4096:
+                self._trusted_peers.clear()  # bounded: direct clients have many addresses
+            self._trusted_peers[peer] = trusted
+        return trusted
 
     def forwarding_headers(self, request: web.BaseRequest) -> dict[str, str]:
         """X-Forwarded-For/-Proto as the homeserver should see them.
@@ -212,8 +221,14 @@ class Upstream:
                 # aiohttp would otherwise add Content-Type or chunk a known length.
                 skip_auto_headers=(hdrs.CONTENT_TYPE,),
             ) as response:
-                self._latency.labels(current_route.get()).observe(time.monotonic() - started)
+                self._observe(current_route.get(), time.monotonic() - started)
                 yield response
+
+    def _observe(self, route: str, seconds: float) -> None:
+        child = self._latency_by_route.get(route)
+        if child is None:
+            child = self._latency_by_route[route] = self._latency.labels(route)
+        child.observe(seconds)
 
     async def relay(
         self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, *, prefix: bytes = b""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from .errors import RelayedResponse, bad_gateway
+from .errors import bad_gateway, upstream_refusal
 from .forward import Upstream
 from .metrics import Metrics
 
@@ -127,9 +127,7 @@ class Identity:
             params=credentials.params,
         )
         if reply.status != 200:
-            if _is_matrix_error(reply.body):
-                raise RelayedResponse(reply.status, reply.body, reply.content_type)
-            raise bad_gateway(f"The homeserver answered whoami with HTTP {reply.status}")
+            raise upstream_refusal(reply.status, reply.body, reply.content_type, "whoami")
         try:
             body = json.loads(reply.body)
             user_id = body["user_id"]
@@ -139,11 +137,3 @@ class Identity:
         if not isinstance(user_id, str) or not (device_id is None or isinstance(device_id, str)):
             raise bad_gateway("The homeserver sent an invalid whoami response")
         return user_id, device_id
-
-
-def _is_matrix_error(body: bytes) -> bool:
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return False
-    return isinstance(parsed, dict) and isinstance(parsed.get("errcode"), str)

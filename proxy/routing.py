@@ -119,6 +119,8 @@ def match(method: str, raw_path: str, routes: tuple[Route, ...] = MSC3391_ROUTES
     Captured parameters are percent-decoded as Synapse decodes them.
     """
     path, _ = split_raw_path(raw_path)
+    if not path.startswith("/_matrix/client/"):
+        return None  # most traffic (media, federation, admin) is decided here, cheaply
     for route in routes:
         m = route.pattern.match(path)
         if m is None:

@@ -7,6 +7,7 @@ from types import TracebackType
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .app import build_app
 from .config import Config
@@ -30,6 +31,29 @@ class AccessLogger(AbstractAccessLogger):
         )
 
 
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse as an error, with a traceback whose
+    message quotes the request's bytes: an `access_token` in the query included. It
+    is the client's mistake, and may come in floods: one line at INFO instead, naming
+    the problem but quoting nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+        record.msg = "malformed request from %s: %d %s"
+        record.args = (peer, error.code, type(error).__name__)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return _http_log.isEnabledFor(logging.INFO)
+
+
+# What aiohttp's HTTP server has to say about connections and unparseable requests.
+_http_log = logging.getLogger("proxy.http")
+_http_log.addFilter(_MalformedRequestFilter())
+
+
 class ProxyServer:
     """`async with ProxyServer(config) as server:` serves on `server.url` (and the
     metrics on `server.metrics_url` when enabled) until exit."""
@@ -46,6 +70,18 @@ class ProxyServer:
             access_log=logging.getLogger("proxy.access"),
             # On shutdown, in-flight requests get this long; then long-polls are cut.
             shutdown_timeout=config.proxy.shutdown_grace,
+            # aiohttp closes a connection that has not sent a whole request head this
+            # long after it opened or after its last answer: a bound on slow clients.
+            keepalive_timeout=config.proxy.client_timeout,
+            # After answering a request whose body was not read whole (a refusal, a 408),
+            # aiohttp reads and drops the rest for this long before closing: bounded by
+            # the same client timeout, so a trickling client cannot stretch it.
+            lingering_time=min(10.0, config.proxy.client_timeout),
+            # Synapse (Twisted) accepts a request head of up to 16 KiB; aiohttp's default
+            # of 8190 bytes would refuse long account data types that Synapse serves.
+            max_line_size=16384,
+            max_field_size=16384,
+            logger=_http_log,
         )
         self._metrics_runner: web.AppRunner | None = None
         self.url = ""

@@ -139,8 +139,9 @@ FAULT_LOG_INTERVAL = 60.0
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_timeout: float = 5.0) -> None:
         self.path = path
+        self._busy_timeout_ms = int(busy_timeout * 1000)
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         # user_id -> devices that have at least one row (of any tombstone state).
@@ -160,7 +161,9 @@ class Store:
             await self._db.execute("PRAGMA journal_mode = WAL")
             # FULL: a delete acknowledged with 200 survives a power cut, not just a crash.
             await self._db.execute("PRAGMA synchronous = FULL")
-            await self._db.execute("PRAGMA busy_timeout = 5000")
+            # A lock held elsewhere (a backup, the inspect command) is waited for this
+            # long; then the operation fails with StoreUnavailable.
+            await self._db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
             await self._migrate()
             await self._load_indexes()
         except (sqlite3.Error, OSError) as e:
@@ -182,15 +185,20 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any failure (caller holds the lock)."""
-        await self.db.execute("BEGIN IMMEDIATE")
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any failure (caller holds the lock).
+
+        The ROLLBACK is sent whatever `in_transaction` says: a request cancelled while
+        its BEGIN waits in aiosqlite's queue gets CancelledError before the BEGIN has
+        run, and the BEGIN runs anyway. Statements run in order, so the ROLLBACK always
+        comes after it; without one the connection would stay inside a transaction and
+        every later write would fail."""
         try:
+            await self.db.execute("BEGIN IMMEDIATE")
             yield
             await self.db.execute("COMMIT")
         except BaseException:
-            if self.db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    await self.db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # "no transaction is active" is fine
+                await self.db.execute("ROLLBACK")
             raise
 
     @contextlib.asynccontextmanager
@@ -449,14 +457,19 @@ class Store:
     async def record_delivery(
         self, user_id: str, device_id: str, next_batch: str, stream_ids: Iterable[int]
     ) -> None:
-        """A response with this `next_batch` carried these deletes to the device."""
-        rows = [(user_id, device_id, next_batch, s) for s in sorted(set(stream_ids))]
+        """A response with this `next_batch` carried these deletes to the device.
+
+        Only deletes the device still waits for are recorded: one revived or acknowledged
+        since the response was built (a concurrent PUT, another request of the device)
+        has nothing left to acknowledge, and a record of it would never be removed."""
+        rows = [(user_id, device_id, next_batch, s, user_id, device_id) for s in sorted(set(stream_ids))]
         if not rows:
             return
         async with self._locked(), self._transaction():
             await self.db.executemany(
                 "INSERT OR IGNORE INTO sync_deliveries (user_id, device_id, next_batch, stream_id)"
-                " VALUES (?, ?, ?, ?)",
+                " SELECT ?, ?, ?, stream_id FROM account_data_unsynced_deletes"
+                " WHERE stream_id = ? AND user_id = ? AND device_id = ?",
                 rows,
             )
 

@@ -8,8 +8,9 @@ raw path, first match wins, groups percent-decoded afterwards; `r0`, `v3` and
 error texts. Every request is recorded (method, raw target, headers, body size and
 hash), and faults can be injected per path: a delay before the headers, a hang, a
 closed connection, a canned answer, or a gate that holds requests until the test
-releases them. The whole server can be taken down (connections refused) and
-brought back on the same port.
+releases them; each either instead of handling the request or after it (a write that
+lands but whose answer is lost). The whole server can be taken down (connections
+refused), also right after a given answer, and brought back on the same port.
 
 Endpoints:
 - `GET .../account/whoami`, `GET .../devices`, `DELETE .../devices/{id}` (UIA),
@@ -31,7 +32,8 @@ The `fake_hs` fixture yields a started `FakeHomeserver`: seed it with `add_devic
 `add_user`, `add_appservice`, `set_account_data`, `join`, `add_filter`; read
 `requests`, `last_request()`, `requests_to()`, `whoami_calls`, `account_data()`,
 `devices`, `tokens`, `next_batch`; inject with `fault()`; wait with
-`wait_for_requests()`, `hang_started`, `handler_cancelled`; `go_down()`/`come_up()`.
+`wait_for_requests()`, `hang_started`, `handler_cancelled`; `go_down()`/`come_up()`
+(or a fault with `go_down_after`, which refuses from the next request on).
 """
 
 from __future__ import annotations
@@ -126,21 +128,31 @@ class RecordedRequest:
 class Fault:
     """What to do to requests whose raw path (no query) matches `pattern` (re.search).
 
-    Applied in this order: wait for `gate`, sleep `delay`, then one of `hang`,
-    `disconnect`, a canned answer (`status` with `json` or `body`), or carry on normally.
-    `times` limits how many requests it applies to; `hits` counts them.
+    Applied in this order: wait for `gate`, sleep `delay`, handle the request normally
+    if `apply` (its effect lands, its answer is kept only if nothing below replaces
+    it), then one of `hang`, `disconnect`, a canned answer (`status` with `json` or
+    `body`), or carry on normally. With `go_down_after` the answer closes its
+    connection and the homeserver stops accepting new ones (as after `go_down()`)
+    until `come_up()`: the next request is refused. `times` limits how many requests
+    it applies to; `hits` counts them.
+
+    `apply` gives the ambiguous outcomes of a write: `apply=True, hang=True` is a write
+    that landed but whose answer never comes; with `disconnect` or `status` the answer
+    is lost or wrong.
     """
 
     pattern: re.Pattern[str]
     method: str | None = None
     delay: float = 0.0
     gate: asyncio.Event | None = None
+    apply: bool = False
     hang: bool = False
     disconnect: bool = False
     status: int | None = None
     json: Any = None
     body: bytes | None = None
     content_type: str = "application/json"
+    go_down_after: bool = False
     times: int | None = None
     hits: int = 0
 
@@ -266,7 +278,14 @@ class FakeHomeserver:
     async def start(self) -> None:
         # access_log=None: the request line carries access tokens, and tests check
         # that no log record holds one.
-        server = web.Server(self._handle, handler_cancellation=True, access_log=None)
+        server = web.Server(
+            self._handle,
+            handler_cancellation=True,
+            access_log=None,
+            # Synapse (Twisted) reads request heads of up to 16 KiB; aiohttp's default is 8190.
+            max_line_size=16384,
+            max_field_size=16384,
+        )
         runner = web.ServerRunner(server, shutdown_timeout=0.5)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
@@ -290,7 +309,17 @@ class FakeHomeserver:
 
     async def come_up(self) -> None:
         """Listen again on the same port."""
+        if self._runner is not None:  # refusing after a `go_down_after` fault
+            await self.stop()
         await self.start()
+
+    async def _refuse_new_connections(self) -> None:
+        """Stop listening and close idle connections; requests in flight still finish."""
+        assert self._runner is not None
+        for site in list(self._runner.sites):
+            await site.stop()
+        if self._runner.server is not None:
+            self._runner.server.pre_shutdown()
 
     @property
     def is_up(self) -> bool:
@@ -471,10 +500,10 @@ class FakeHomeserver:
         for fault in self.faults:
             if fault.applies(request.method, record.path):
                 fault.hits += 1
-                answer = await self._apply_fault(request, fault)
-                if answer is not None:
-                    return answer
-                break
+                return await self._apply_fault(request, record, fault)
+        return await self._dispatch(request, record)
+
+    async def _dispatch(self, request: web.BaseRequest, record: RecordedRequest) -> web.StreamResponse:
         method = "GET" if request.method == "HEAD" else request.method
         for pattern, handlers, msc3391_only in self._routes:
             if msc3391_only and not self.msc3391_enabled:
@@ -491,11 +520,19 @@ class FakeHomeserver:
         await self._read_body(request, record)
         raise MatrixError(404, "M_UNRECOGNIZED", UNRECOGNIZED)
 
-    async def _apply_fault(self, request: web.BaseRequest, fault: Fault) -> web.StreamResponse | None:
+    async def _apply_fault(
+        self, request: web.BaseRequest, record: RecordedRequest, fault: Fault
+    ) -> web.StreamResponse:
         if fault.gate is not None:
             await fault.gate.wait()
         if fault.delay:
             await asyncio.sleep(fault.delay)
+        answer: web.StreamResponse | None = None
+        if fault.apply:
+            try:
+                answer = await self._dispatch(request, record)
+            except MatrixError as e:
+                answer = self._json(request, e.body, status=e.status)
         if fault.hang:
             self.hang_started.set()
             await asyncio.Event().wait()
@@ -505,8 +542,17 @@ class FakeHomeserver:
             await asyncio.Event().wait()  # cancelled when the connection is gone
         if fault.status is not None:
             body = fault.body if fault.body is not None else _json_bytes(fault.json)
-            return web.Response(status=fault.status, body=body, headers={"Content-Type": fault.content_type})
-        return None
+            headers = {"Content-Type": fault.content_type}
+            answer = web.Response(status=fault.status, body=body, headers=headers)
+        if answer is None:
+            try:
+                answer = await self._dispatch(request, record)
+            except MatrixError as e:
+                answer = self._json(request, e.body, status=e.status)
+        if fault.go_down_after:
+            answer.force_close()
+            await self._refuse_new_connections()
+        return answer
 
     # ------------------------------------------------------------------ helpers
 

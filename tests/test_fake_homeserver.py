@@ -262,3 +262,30 @@ async def test_faults_records_and_down(hs: FakeHomeserver, client: aiohttp.Clien
     await hs.come_up()
     assert hs.url == url
     assert (await call(client, hs, "GET", "/_matrix/client/versions"))[0] == 200
+
+
+async def test_a_fault_that_applies_first_changes_the_state_then_breaks_the_answer(
+    hs: FakeHomeserver, client: aiohttp.ClientSession
+) -> None:
+    hs.fault(r"/account_data/", method="PUT", apply=True, status=500, json={"errcode": "M_UNKNOWN"}, times=1)
+    assert await call(client, hs, "PUT", ad_path("t"), {"v": 1}) == (500, {"errcode": "M_UNKNOWN"})
+    assert hs.account_data(ALICE, "t") == {"v": 1}
+
+    hs.fault(r"/account_data/", method="PUT", apply=True, hang=True, times=1)
+    hanging = asyncio.ensure_future(call(client, hs, "PUT", ad_path("t"), {"v": 2}))
+    await asyncio.wait_for(hs.hang_started.wait(), 5)
+    assert hs.account_data(ALICE, "t") == {"v": 2}  # applied, and the answer never comes
+    hanging.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await hanging
+
+
+async def test_go_down_after_answers_then_refuses_until_it_comes_up(
+    hs: FakeHomeserver, client: aiohttp.ClientSession
+) -> None:
+    hs.fault(r"/versions$", go_down_after=True, times=1)
+    assert (await call(client, hs, "GET", "/_matrix/client/versions"))[0] == 200
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await call(client, hs, "GET", "/_matrix/client/versions")
+    await hs.come_up()
+    assert (await call(client, hs, "GET", "/_matrix/client/versions"))[0] == 200

@@ -1,0 +1,415 @@
+"""Crash safety of a delete, and every homeserver call of it failing in turn.
+
+A delete is, in order: identify the caller (whoami), read the current value (GET
+account data), list the account's devices (GET /devices), record the intent in the
+store (a pending tombstone and one row per other device), write `{}` (PUT), commit.
+
+First part: the proxy as a real process (`python -m proxy`), killed with SIGKILL while
+the fake homeserver holds each call in turn, then restarted on the same store file.
+Two of those moments are the interesting ones: the write received but not applied,
+and the write applied with its answer never sent. The client of the killed process
+sees a dead connection; once the user makes their next request through the new
+process, the store must agree with the homeserver (an orphaned intent committed if
+the homeserver holds `{}`, removed otherwise). A client that was told 200 before the
+kill must find its deletion everywhere: on the homeserver, as a row for every other
+device, and in those devices' syncs.
+
+Second part: each call fails instead (connection refused, reset, timeout, 5xx, a
+garbage body), in a proxy in this process. The client gets a 502/504 Matrix error or
+the homeserver's own error, and the store keeps no trace; an ambiguous write is
+settled, so the store ends consistent with what the homeserver holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+import pytest
+
+from proxy.server import ProxyServer
+from tests.conftest import StartProxy
+from tests.fake_homeserver import FakeHomeserver
+from tests.store_check import assert_consistent, snapshot
+from tests.synapse_rig import ProxyProcess
+
+ALICE = "@alice:localhost"
+DELETER, SECOND, THIRD = "ALICE1", "ALICE2", "ALICE3"
+TOKENS = {DELETER: "syt_crash_alice_1", SECOND: "syt_crash_alice_2", THIRD: "syt_crash_alice_3"}
+KIND = "org.example.crash"
+BEFORE = {"v": 1}
+OTHER_KIND, OTHER = "org.example.bystander", {"keep": True}
+
+DATA = f"/_matrix/client/v3/user/{quote(ALICE, safe='')}/account_data/{KIND}"
+DELETE = f"/_matrix/client/unstable/org.matrix.msc3391/user/{quote(ALICE, safe='')}/account_data/{KIND}"
+# Patterns for the fake's faults (raw path, no query).
+WHOAMI = r"/account/whoami$"
+ACCOUNT_DATA = r"/account_data/org\.example\.crash$"
+DEVICES = r"/devices$"
+
+
+@pytest.fixture
+def hs(fake_hs: FakeHomeserver) -> FakeHomeserver:
+    for device, token in TOKENS.items():
+        fake_hs.add_device(ALICE, device, token=token)
+    fake_hs.set_account_data(ALICE, KIND, BEFORE)
+    fake_hs.set_account_data(ALICE, OTHER_KIND, OTHER)
+    return fake_hs
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+def is_live(hs: FakeHomeserver) -> Callable[[str, str | None, str], bool]:
+    return lambda user, room, kind: bool(hs.account_data(user, kind, room))
+
+
+async def call(
+    http: aiohttp.ClientSession, base: str, method: str, path: str, device: str = DELETER
+) -> tuple[int, bytes, str | None]:
+    headers = {"Authorization": f"Bearer {TOKENS[device]}"}
+    async with http.request(method, base + path, headers=headers) as response:
+        return response.status, await response.read(), response.headers.get("Content-Type")
+
+
+async def sync(http: aiohttp.ClientSession, base: str, device: str, since: str | None) -> dict[str, Any]:
+    query = {"timeout": "0", **({"since": since} if since else {})}
+    status, body, _ = await call(http, base, "GET", "/_matrix/client/v3/sync?" + urlencode(query), device)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def carried(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in body.get("account_data", {}).get("events", []) if e.get("type") == KIND]
+
+
+async def assert_deleted_everywhere(
+    http: aiohttp.ClientSession, base: str, hs: FakeHomeserver, store: Path, since: str
+) -> None:
+    """The homeserver holds `{}`, every other device has a row and learns of the delete
+    through the proxy, and then nothing is left. SECOND syncs from before the delete
+    (the homeserver carries it); THIRD from after it, as if the response that carried
+    it had been lost: only the proxy's row can tell THIRD."""
+    assert hs.account_data(ALICE, KIND) == {}
+    assert hs.account_data(ALICE, OTHER_KIND) == OTHER
+    state = assert_consistent(store, is_live(hs))
+    assert state.tombstones_of(ALICE) == {(None, KIND, "done")}
+    assert state.rows_of(ALICE) == {(None, KIND, SECOND), (None, KIND, THIRD)}
+
+    status, body, _ = await call(http, base, "GET", DATA)
+    assert (status, json.loads(body)["errcode"]) == (404, "M_NOT_FOUND")
+    for device, start in ((SECOND, since), (THIRD, hs.next_batch)):
+        first = await sync(http, base, device, start)
+        assert carried(first) == [{"type": KIND, "content": {}}], device
+        second = await sync(http, base, device, first["next_batch"])  # the proof of receipt
+        assert carried(second) == [], device
+    assert snapshot(store).empty
+
+
+def assert_untouched(hs: FakeHomeserver, store: Path) -> None:
+    assert hs.account_data(ALICE, KIND) == BEFORE
+    assert hs.account_data(ALICE, OTHER_KIND) == OTHER
+    state = assert_consistent(store, is_live(hs))
+    assert state.empty, state
+
+
+# --- the proxy as a process, killed -------------------------------------------------------
+
+
+class Processes:
+    """The proxy processes of one test: started, killed, restarted on the same store."""
+
+    def __init__(self, start: Callable[..., ProxyProcess]) -> None:
+        self._start = start
+        self.restarted: list[ProxyProcess] = []
+
+    async def start(self, upstream_url: str) -> ProxyProcess:
+        return await asyncio.to_thread(self._start, upstream_url)
+
+    @staticmethod
+    def kill(proxy: ProxyProcess) -> None:
+        """SIGKILL, to this process only: nothing is flushed, nothing is closed."""
+        assert proxy.process is not None
+        proxy.process.kill()
+        proxy.process.wait()
+
+    async def restart(self, proxy: ProxyProcess) -> ProxyProcess:
+        """A new process with the same configuration: same port, same store file."""
+        again = ProxyProcess(
+            proxy.directory,
+            proxy.config["upstream"]["url"],
+            port=proxy.port,
+            name=proxy.config_path.stem,
+        )
+        assert again.config == proxy.config
+        self.restarted.append(again)
+        await asyncio.to_thread(again.start)
+        return again
+
+    def stop_all(self) -> None:
+        for proxy in self.restarted:
+            proxy.stop()
+
+
+@pytest.fixture
+def processes(proxy_process: Callable[..., ProxyProcess]) -> Iterator[Processes]:
+    managed = Processes(proxy_process)
+    yield managed
+    managed.stop_all()
+
+
+def store_of(proxy: ProxyProcess) -> Path:
+    return Path(proxy.config["store"]["path"])
+
+
+# (where the proxy is when it dies: the fault that holds it there, whether the write landed)
+KILL_POINTS: list[tuple[str, dict[str, Any], bool]] = [
+    ("identifying", {"path_regex": WHOAMI, "hang": True}, False),
+    ("reading-the-value", {"path_regex": ACCOUNT_DATA, "method": "GET", "hang": True}, False),
+    ("listing-devices", {"path_regex": DEVICES, "method": "GET", "hang": True}, False),
+    ("write-received-not-applied", {"path_regex": ACCOUNT_DATA, "method": "PUT", "hang": True}, False),
+    (
+        "write-applied-answer-never-sent",
+        {"path_regex": ACCOUNT_DATA, "method": "PUT", "apply": True, "hang": True},
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(("fault", "landed"), [k[1:] for k in KILL_POINTS], ids=[k[0] for k in KILL_POINTS])
+async def test_a_delete_killed_mid_way_is_settled_on_the_users_next_request(
+    hs: FakeHomeserver, http: aiohttp.ClientSession, processes: Processes, fault: dict[str, Any], landed: bool
+) -> None:
+    proxy = await processes.start(hs.url)
+    store = store_of(proxy)
+    since = (await sync(http, proxy.url, SECOND, None))["next_batch"]
+    hs.fault(times=1, **fault)
+
+    deleting = asyncio.ensure_future(call(http, proxy.url, "DELETE", DELETE))
+    await asyncio.wait_for(hs.hang_started.wait(), 10)
+    processes.kill(proxy)
+    with pytest.raises(aiohttp.ClientError):
+        await deleting  # a dead connection: the client cannot know what happened
+
+    on_disk = snapshot(store)
+    if fault.get("method") == "PUT":
+        # The intent was on disk before the write went out, and nothing settled it.
+        assert {(t[3], t[4]) for t in on_disk.tombstones} == {(KIND, "pending")}
+        assert on_disk.rows_of(ALICE) == {(None, KIND, SECOND), (None, KIND, THIRD)}
+    else:
+        assert on_disk.empty
+    assert hs.account_data(ALICE, KIND) == ({} if landed else BEFORE)
+
+    proxy = await processes.restart(proxy)
+    if not on_disk.empty:
+        assert "1 interrupted deletes will be settled on their users' next requests" in proxy.log
+    # The user's next request (any owned one) settles what the dead process left.
+    status, body, _ = await call(http, proxy.url, "GET", DATA)
+    if landed:
+        assert (status, json.loads(body)["errcode"]) == (404, "M_NOT_FOUND")
+        await assert_deleted_everywhere(http, proxy.url, hs, store, since)
+        return
+    assert (status, json.loads(body)) == (200, BEFORE)
+    assert_untouched(hs, store)
+    # The client retries, and this time the delete is whole.
+    status, body, _ = await call(http, proxy.url, "DELETE", DELETE)
+    assert (status, body) == (200, b"{}")
+    await assert_deleted_everywhere(http, proxy.url, hs, store, since)
+
+
+async def test_a_delete_answered_200_survives_a_kill_right_after(
+    hs: FakeHomeserver, http: aiohttp.ClientSession, processes: Processes
+) -> None:
+    proxy = await processes.start(hs.url)
+    since = (await sync(http, proxy.url, SECOND, None))["next_batch"]
+
+    status, body, _ = await call(http, proxy.url, "DELETE", DELETE)
+    assert (status, body) == (200, b"{}")
+    processes.kill(proxy)
+
+    proxy = await processes.restart(proxy)
+    assert "interrupted deletes" not in proxy.log
+    await assert_deleted_everywhere(http, proxy.url, hs, store_of(proxy), since)
+
+
+async def test_an_intent_left_by_a_kill_is_settled_by_any_owned_request_of_the_user(
+    hs: FakeHomeserver, http: aiohttp.ClientSession, processes: Processes
+) -> None:
+    """The settling request need not be the deleting device's, nor about the type:
+    another device's sync settles the intent first and then tells that device."""
+    proxy = await processes.start(hs.url)
+    store = store_of(proxy)
+    since = (await sync(http, proxy.url, SECOND, None))["next_batch"]
+    hs.fault(ACCOUNT_DATA, method="PUT", apply=True, hang=True, times=1)
+    deleting = asyncio.ensure_future(call(http, proxy.url, "DELETE", DELETE))
+    await asyncio.wait_for(hs.hang_started.wait(), 10)
+    processes.kill(proxy)
+    with pytest.raises(aiohttp.ClientError):
+        await deleting
+
+    proxy = await processes.restart(proxy)
+    body = await sync(http, proxy.url, SECOND, since)
+
+    assert carried(body) == [{"type": KIND, "content": {}}]
+    state = assert_consistent(store, is_live(hs))
+    assert state.tombstones_of(ALICE) == {(None, KIND, "done")}
+    assert state.rows_of(ALICE) == {(None, KIND, SECOND), (None, KIND, THIRD)}
+
+
+# --- each homeserver call failing, in a proxy in this process --------------------------------
+
+REFUSED = "refused"  # marker: the homeserver stops accepting connections just before the call
+# aiohttp's client retries an idempotent request once when its connection is reset
+# (RFC 9112 section 9.3.1.1), so a reset is injected twice to reach the proxy.
+RESET = {"disconnect": True, "times": 2}
+MATRIX_500 = {"errcode": "M_UNKNOWN", "error": "Internal server error"}
+HTML_502 = {"status": 502, "body": b"<html>502 Bad Gateway</html>", "content_type": "text/html"}
+GARBAGE = {"status": 200, "body": b"\x00\xffnot json", "content_type": "application/octet-stream"}
+RELAYED = "relayed"  # marker: the homeserver's own Matrix error, byte for byte
+
+CALLS = {
+    "identify": {"path_regex": WHOAMI},
+    "read": {"path_regex": ACCOUNT_DATA, "method": "GET"},
+    "list-devices": {"path_regex": DEVICES, "method": "GET"},
+    "write": {"path_regex": ACCOUNT_DATA, "method": "PUT"},
+}
+# The call before each, on which a `go_down_after` fault makes the next one refused.
+BEFORE_CALL = {"read": "identify", "list-devices": "read", "write": "list-devices"}
+
+EVERY_CALL = tuple(CALLS)
+
+# (call, how it fails, the fault (or REFUSED), status answered, errcode (or RELAYED), write landed)
+FAILURES: list[tuple[str, str, Any, int, str, bool]] = [
+    *[(name, "refused", REFUSED, 502, "M_UNKNOWN", False) for name in EVERY_CALL],
+    *[(name, "reset", RESET, 502, "M_UNKNOWN", False) for name in EVERY_CALL],
+    *[(name, "timeout", {"hang": True}, 504, "M_UNKNOWN", False) for name in EVERY_CALL],
+    *[(name, "500", {"status": 500, "json": MATRIX_500}, 500, RELAYED, False) for name in EVERY_CALL],
+    *[(name, "502-html", HTML_502, 502, "M_UNKNOWN", False) for name in EVERY_CALL],
+    ("identify", "garbage", GARBAGE, 502, "M_UNKNOWN", False),
+    # A 200 from the read says the type exists; its content does not matter to a delete.
+    ("read", "garbage", GARBAGE, 200, "", True),
+    ("list-devices", "garbage", GARBAGE, 502, "M_UNKNOWN", False),
+    # The write landed and its answer was lost or broken: the proxy reads the type back,
+    # finds `{}`, and answers 200, as the homeserver would have.
+    ("write", "applied-then-reset", {"apply": True, **RESET}, 200, "", True),
+    ("write", "applied-then-timeout", {"apply": True, "hang": True}, 200, "", True),
+    ("write", "applied-then-500", {"apply": True, "status": 500, "json": MATRIX_500}, 200, "", True),
+    ("write", "applied-then-502-html", {"apply": True, **HTML_502}, 200, "", True),
+    ("write", "applied-then-garbage", {"apply": True, **GARBAGE}, 200, "", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "fault", "status", "errcode", "landed"),
+    [f[:1] + f[2:] for f in FAILURES],
+    ids=[f"{f[0]}-{f[1]}" for f in FAILURES],
+)
+async def test_a_failing_homeserver_call_gets_a_matrix_answer_and_leaves_no_trace(
+    start_proxy: StartProxy,
+    hs: FakeHomeserver,
+    http: aiohttp.ClientSession,
+    name: str,
+    fault: Any,
+    status: int,
+    errcode: str,
+    landed: bool,
+) -> None:
+    # A short read timeout only where the homeserver hangs: elsewhere a loaded machine
+    # must not turn a slow answer into a 504.
+    hangs = isinstance(fault, dict) and fault.get("hang", False)
+    proxy: ProxyServer = await start_proxy(hs.url, upstream={"read_timeout": 0.5 if hangs else 60})
+    store = proxy.config.store.path
+    since = hs.next_batch
+    if fault is REFUSED and name == "identify":
+        await hs.go_down()
+    elif fault is REFUSED:
+        hs.fault(go_down_after=True, times=1, **CALLS[BEFORE_CALL[name]])
+    else:
+        hs.fault(**{"times": 1, **CALLS[name], **fault})
+
+    answer, body, content_type = await call(http, proxy.url, "DELETE", DELETE)
+
+    assert answer == status, body
+    if errcode == RELAYED:
+        assert body == json.dumps(MATRIX_500, separators=(",", ":")).encode()
+    elif errcode:
+        assert content_type == "application/json"
+        error = json.loads(body)
+        assert error["errcode"] == errcode and error["error"], error
+    else:
+        assert body == b"{}"
+    assert hs.account_data(ALICE, KIND) == ({} if landed else BEFORE)
+    if fault is REFUSED:
+        if name == "write":
+            # Refused, the write cannot be told apart from one lost on the way back, and
+            # the read that would settle it is refused too: the intent waits.
+            assert {t[4] for t in snapshot(store).tombstones} == {"pending"}
+        await hs.come_up()
+
+    # The user's next request settles anything left open.
+    got, body, _ = await call(http, proxy.url, "GET", DATA)
+    if landed:
+        assert got == 404
+        await assert_deleted_everywhere(http, proxy.url, hs, store, since)
+    else:
+        assert (got, json.loads(body)) == (200, BEFORE)
+        assert_untouched(hs, store)
+
+
+async def test_a_refused_write_is_settled_once_the_homeserver_is_back(
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    """The orphaned intent of a refused write is settled by the user's next request,
+    even one that is not about the type: then the retried delete is whole."""
+    proxy = await start_proxy(hs.url)
+    store = proxy.config.store.path
+    since = hs.next_batch
+    hs.fault(go_down_after=True, times=1, **CALLS["list-devices"])
+    status, _, _ = await call(http, proxy.url, "DELETE", DELETE)
+    assert status == 502
+    pending = snapshot(store)
+    assert [(t[3], t[4]) for t in pending.tombstones] == [(KIND, "pending")]
+    assert pending.rows_of(ALICE) == {(None, KIND, SECOND), (None, KIND, THIRD)}
+    await hs.come_up()
+
+    other = f"/_matrix/client/v3/user/{quote(ALICE, safe='')}/account_data/{OTHER_KIND}"
+    status, body, _ = await call(http, proxy.url, "GET", other)
+    assert (status, json.loads(body)) == (200, OTHER)
+    assert_untouched(hs, store)
+
+    status, body, _ = await call(http, proxy.url, "DELETE", DELETE)
+    assert (status, body) == (200, b"{}")
+    await assert_deleted_everywhere(http, proxy.url, hs, store, since)
+
+
+async def test_a_client_that_hangs_up_mid_delete_does_not_stop_it(
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    """Disconnecting is not a failure of the delete: it runs to completion."""
+    proxy = await start_proxy(hs.url)
+    store = proxy.config.store.path
+    since = hs.next_batch
+    gate = asyncio.Event()
+    hs.fault(ACCOUNT_DATA, method="PUT", gate=gate, times=1)
+    deleting = asyncio.ensure_future(call(http, proxy.url, "DELETE", DELETE))
+    await asyncio.wait_for(hs.wait_for_requests(ACCOUNT_DATA, method="PUT"), 10)
+    deleting.cancel()  # the client goes away while the write is at the homeserver
+    with contextlib.suppress(asyncio.CancelledError):
+        await deleting
+    gate.set()
+
+    # Writes of one type are serialised: a second delete waits for the first, finds
+    # `{}` and changes nothing.
+    status, body, _ = await call(http, proxy.url, "DELETE", DELETE)
+    assert (status, body) == (200, b"{}")
+    assert len(hs.requests_to(ACCOUNT_DATA, method="PUT")) == 1
+    await assert_deleted_everywhere(http, proxy.url, hs, store, since)
