@@ -335,6 +335,13 @@ class Upstream:
             raise bad_gateway() from None
 
 
+_DECODABLE = frozenset({"identity", "gzip", "x-gzip", "deflate"})
+
+
+def can_decode(content_encoding: str | None) -> bool:
+    return (content_encoding or "identity").strip().lower() in _DECODABLE
+
+
 def decode_body(raw: bytes, content_encoding: str | None) -> bytes:
     """The body with its Content-Encoding undone (only what the proxy asked for)."""
     coding = (content_encoding or "identity").strip().lower()

@@ -151,7 +151,7 @@ def inject(
     out = body
     for delete in pending:
         key = (delete.room_id, delete.account_data_type)
-        if key in present:
+        if key in present or not delete.settled:
             continue
         entry = {"type": delete.account_data_type, "content": {}}
         if delete.room_id is None:

@@ -114,6 +114,9 @@ class PendingDelete:
     stream_id: int
     room_id: str | None
     account_data_type: str
+    # False while its homeserver write is under way: such a delete is never injected,
+    # but a body that carries it (the homeserver's own `{}`) still delivers it.
+    settled: bool = True
 
 
 @dataclass(frozen=True)
@@ -438,21 +441,21 @@ class Store:
     # --- what a device has to learn ----------------------------------------------------
 
     async def pending_for_device(self, user_id: str, device_id: str) -> list[PendingDelete]:
-        """Settled deletes this device has not seen, oldest first."""
+        """Deletes this device has not seen, oldest first, settled or under way."""
         if not self.has_pending(user_id, device_id):
             return []
         async with (
             self._locked(),
             self.db.execute(
-                "SELECT u.stream_id, u.room_id, u.account_data_type"
+                "SELECT u.stream_id, u.room_id, u.account_data_type, t.state = 'done'"
                 " FROM account_data_unsynced_deletes u"
                 " JOIN account_data_tombstones t ON t.stream_id = u.stream_id"
-                " WHERE u.user_id = ? AND u.device_id = ? AND t.state = 'done'"
+                " WHERE u.user_id = ? AND u.device_id = ?"
                 " ORDER BY u.stream_id",
                 (user_id, device_id),
             ) as cur,
         ):
-            return [PendingDelete(*row) async for row in cur]
+            return [PendingDelete(s, room, kind, bool(settled)) async for s, room, kind, settled in cur]
 
     async def record_delivery(
         self, user_id: str, device_id: str, next_batch: str, stream_ids: Iterable[int]

@@ -59,11 +59,6 @@ def carried(body: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in body.get("account_data", {}).get("events", []) if e.get("type") == KIND]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: the sync fast path is chosen before the long-poll waits, so a deletion that "
-    "wakes it is passed on unrecorded and injected again on the next sync",
-)
 async def test_a_deletion_that_wakes_a_waiting_long_poll_is_not_delivered_again(
     start_proxy: StartProxy, fake_hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:

@@ -219,3 +219,13 @@ def test_malformed_sections_are_left_alone() -> None:
     body: dict[str, Any] = {"account_data": {"events": "nope"}, "rooms": {"join": {ROOM: None}}}
     assert strip_deletions(body) is body
     assert deletions_in(body) == set()
+
+
+def test_an_unsettled_delete_is_delivered_when_carried_but_never_injected() -> None:
+    unsettled = [PendingDelete(1, None, "a", settled=False), PendingDelete(2, None, "b", settled=False)]
+    body = sync_body([entry("a")])
+    result = rewrite_sync(
+        body, incremental=True, full_state=False, pending=unsettled, sync_filter=SyncFilter()
+    )
+    assert deletions_in(result.body) == {(None, "a")}
+    assert result.delivered == {1}

@@ -37,11 +37,12 @@ async def test_schema_has_the_briefs_table_and_indexes(store: Store) -> None:
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
-async def test_a_delete_rows_every_other_device_and_is_invisible_until_committed(store: Store) -> None:
+async def test_a_delete_rows_every_other_device_and_is_unsettled_until_committed(store: Store) -> None:
     sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "D3"])
     assert await rows(store) == {(sid, "a", None, "D2"), (sid, "a", None, "D3")}
     assert store.has_pending(ALICE, "D2") and not store.has_pending(ALICE, "D1")
-    assert await store.pending_for_device(ALICE, "D2") == []  # still only an intent
+    # Still only an intent: listed (a body carrying it delivers it), but not settled.
+    assert await store.pending_for_device(ALICE, "D2") == [PendingDelete(sid, None, "a", settled=False)]
     await store.commit_delete(sid)
     assert await store.pending_for_device(ALICE, "D2") == [PendingDelete(sid, None, "a")]
     assert [t.state for t in await store.tombstones()] == ["done"]
@@ -149,7 +150,10 @@ async def test_state_survives_reopening(tmp_path: Path) -> None:
     again = Store(path)
     await again.open()
     assert again.has_pending(ALICE, "D2")
-    assert await again.pending_for_device(ALICE, "D2") == [PendingDelete(sid, None, "a")]
+    assert await again.pending_for_device(ALICE, "D2") == [
+        PendingDelete(sid, None, "a"),
+        PendingDelete(pending, None, "b", settled=False),
+    ]
     # The interrupted delete is remembered for settling on the user's next request.
     assert again.orphaned_intents(ALICE) == [pending]
     await again.close()
