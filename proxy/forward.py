@@ -172,6 +172,15 @@ class Upstream:
             xff, proto = peer, request.scheme
         return {hdrs.X_FORWARDED_FOR: xff, hdrs.X_FORWARDED_PROTO: proto}
 
+    def client_address(self, request: web.BaseRequest) -> str:
+        """Who is on the other end: the peer, or the address a trusted forwarder saw
+        (the last hop of its X-Forwarded-For), for the access log."""
+        peer = request.remote or "-"
+        forwarded = request.headers.getall(hdrs.X_FORWARDED_FOR, ())
+        if forwarded and self._is_trusted(peer):
+            return forwarded[-1].rsplit(",", 1)[-1].strip() or peer
+        return peer
+
     def _request_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
         headers = end_to_end(request.headers, drop=(hdrs.X_FORWARDED_FOR, hdrs.X_FORWARDED_PROTO))
         headers.update(self.forwarding_headers(request))

@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .app import build_app
+from .app import CONTEXT, build_app
 from .config import Config
 from .metrics import Metrics
 from .routing import template
@@ -18,17 +18,33 @@ log = logging.getLogger("proxy")
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request: peer, method, route template (no IDs, no query), status."""
+    """One line per request: client, method, route template (no IDs, no query), status.
+
+    The client is the peer, or, from a trusted forwarder (nginx), the address that
+    forwarder saw (the last hop it appended to X-Forwarded-For)."""
+
+    @property
+    def enabled(self) -> bool:
+        # Skipped entirely (no template built) when the level hides the access log.
+        return self.logger.isEnabledFor(logging.INFO)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
             "%s %s %s %d %.3fs",
-            request.remote,
+            _client(request),
             request.method,
             template(request.raw_path),
             response.status,
             time,
         )
+
+
+def _client(request: web.BaseRequest) -> str:
+    app = getattr(request, "app", None)
+    context = app.get(CONTEXT) if app is not None else None
+    if context is None:
+        return request.remote or "-"
+    return context.upstream.client_address(request)
 
 
 class _MalformedRequestFilter(logging.Filter):

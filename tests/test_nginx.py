@@ -197,7 +197,10 @@ async def test_readme_snippet_carries_the_msc3391_scenario(
     )
     assert in_nginx.search(wait_for_match(nginx.access_log.read_text, in_nginx)), nginx.access_log.read_text()
     in_proxy = re.compile(
-        r"^\S+ \S+ INFO proxy\.access \[\w+\] 127\.0\.0\.1 DELETE "
+        # The client as nginx saw it (trusted X-Forwarded-For), not nginx itself.
+        r"^\S+ \S+ INFO proxy\.access \[\w+\] "
+        + re.escape(CLIENT_ADDRESS)
+        + " DELETE "
         + re.escape(MSC3391)
         + r"/user/\{\}/account_data/\{\} 200 ",
         re.M,
@@ -261,6 +264,9 @@ async def test_synapse_records_the_clients_address_not_a_spoofed_one(
     reply = await alice.request("GET", f"/_matrix/client/v3/devices/{quote(alice.device_id)}")
     assert reply.status == 200, reply.body
     assert reply.body["last_seen_ip"] == CLIENT_ADDRESS, reply.body
-    # The proxy itself saw nginx as its peer.
-    whoami = re.compile(r"proxy\.access \[\w+\] 127\.0\.0\.1 GET /_matrix/client/v3/account/whoami 200 ")
+    # The proxy's access log names the client nginx saw (nginx is a trusted forwarder),
+    # not nginx, and not the address the client claimed.
+    whoami = re.compile(
+        r"proxy\.access \[\w+\] " + re.escape(CLIENT_ADDRESS) + " GET /_matrix/client/v3/account/whoami 200 "
+    )
     assert whoami.search(wait_for_match(lambda: proxy.log, whoami)), proxy.log
