@@ -102,6 +102,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID
         """,
     ),
+    (
+        # Commit, abort and revive remove deliveries by stream_id: without this index,
+        # each of them scanned the whole table.
+        "CREATE INDEX sync_deliveries_stream_id ON sync_deliveries(stream_id)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
