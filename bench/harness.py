@@ -151,6 +151,10 @@ class Child:
         assert self.process is not None
         return self.process.pid
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self) -> None:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
@@ -470,7 +474,9 @@ def run_interleaved(
 ) -> Results:
     """Each repetition runs every workload through every target in turn (A B C A B C):
     slow drift of the shared machine then spreads over all targets alike."""
-    results: Results = {w.key: {t.key: [] for t in targets} for w in workloads}
+    results: Results = {
+        w.key: {t.key: [] for t in targets if w.targets is None or t.key in w.targets} for w in workloads
+    }
 
     def one(workload: Workload, target: Target, seconds: int, rep: int) -> WrkResult:
         real = target_for(workload, target)

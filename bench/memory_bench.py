@@ -88,7 +88,7 @@ async def _held_figures(
     say(f"memory: opening {count} idle long-poll /syncs through the proxy (fd limit {hard})")
     started = time.monotonic()
     writers, failures = await _open_long_polls(proxy_port, count, concurrency=100)
-    held, waited = await _wait_held(upstream_port, len(writers), deadline_s=60)
+    held, _ = await _wait_held(upstream_port, len(writers), deadline_s=60)
     ramp = time.monotonic() - started
     await asyncio.sleep(2)
     rss_held = status_kib(proxy_pid, "VmRSS")
@@ -214,8 +214,12 @@ def run(settings: Settings, workdir: Path, wrk: Wrk, proxy_factory: Any) -> dict
         proxy = proxy_factory(f"http://127.0.0.1:{upstream_port}", "proxy-memory")
         pid = proxy.process.pid
         held = asyncio.run(_held_figures(settings, wrk, pid, proxy.port, upstream_port))
-        streamed = asyncio.run(_streamed(proxy.url, pid, settings.stream_bytes))
-        return {"held": held, "streamed": streamed, "proxy_rss_end_kib": status_kib(pid, "VmRSS")}
+        proxy.stop()
+        # A fresh process for the transfers: the one above keeps the memory the long-polls
+        # used for reuse, which would hide any growth.
+        proxy = proxy_factory(f"http://127.0.0.1:{upstream_port}", "proxy-streaming")
+        streamed = asyncio.run(_streamed(proxy.url, proxy.process.pid, settings.stream_bytes))
+        return {"held": held, "streamed": streamed}
     finally:
         if proxy is not None:
             proxy.stop()

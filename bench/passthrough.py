@@ -10,6 +10,7 @@ rewrite, serialise). Also the in-process floor for the rewrite: orjson loads+dum
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from proxy.rewrite import may_hold_deletions, rewrite_sync
 
 from .bodies import sync_body
 from .harness import (
+    Child,
     Nginx,
     Target,
     Workload,
@@ -64,10 +66,11 @@ def static_upstream(workdir: Path, root: Path) -> Nginx:
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         root {root};
-        location = {SMALL_PATH} {{ default_type application/json; alias {root}/small.json; }}
-        location = /_matrix/client/v3/account/whoami {{ default_type application/json; alias {root}/whoami.json; }}
-        location = /_matrix/client/v3/devices {{ default_type application/json; alias {root}/devices.json; }}
-        location = /_matrix/client/v3/sync {{ default_type application/json; try_files /sync/$arg_bench.json =404; }}
+        default_type application/json;
+        location = {SMALL_PATH} {{ alias {root}/small.json; }}
+        location = /_matrix/client/v3/account/whoami {{ alias {root}/whoami.json; }}
+        location = /_matrix/client/v3/devices {{ alias {root}/devices.json; }}
+        location = /_matrix/client/v3/sync {{ try_files /sync/$arg_bench.json =404; }}
         location / {{ return 404; }}
     }}
 """
@@ -138,18 +141,35 @@ def floors(settings: Settings, bodies: dict[int, bytes]) -> dict[str, dict[str, 
 
 
 def run(
-    settings: Settings, workdir: Path, wrk: Wrk, upstream: Nginx, proxy_pid: int, proxy_url: str
+    settings: Settings,
+    workdir: Path,
+    wrk: Wrk,
+    upstream: Nginx,
+    proxy_pid: int,
+    proxy_url: str,
+    bodies: dict[int, bytes],
 ) -> dict[str, Any]:
     up_port = upstream.ports[0]
+    upstream_url = f"http://127.0.0.1:{up_port}"
     nginx_port = free_port()
     servers = nginx_reverse_proxy_server(nginx_port, up_port, "static_upstream")
     nginx = Nginx(workdir, "nginx-proxy-static", servers, [nginx_port])
+    minimal_port = free_port()
+    minimal = Child(
+        [sys.executable, str(Path(__file__).with_name("minimal_proxy.py")), str(minimal_port), upstream_url],
+        workdir / "minimal-proxy.log",
+        minimal_port,
+        "the minimal aiohttp proxy",
+    )
     nginx.start()
+    minimal.start()
     try:
         targets = [
-            Target("direct", "static nginx directly", f"http://127.0.0.1:{up_port}"),
+            Target("direct", "static nginx directly", upstream_url),
             Target("nginx", "nginx reverse proxy", f"http://127.0.0.1:{nginx_port}", nginx.worker_pids),
             Target("proxy", "msc3391-proxy", proxy_url, lambda: [proxy_pid]),
+            # A reference only (26-byte GET): what any aiohttp proxy costs here.
+            Target("aiohttp", "minimal aiohttp proxy (reference)", minimal.url, lambda: [minimal.pid]),
         ]
         small, large = settings.sync_sizes
         s_label, l_label = settings.size_label(small), settings.size_label(large)
@@ -175,19 +195,44 @@ def run(
             Workload(
                 "sync_l_inc_c8", f"{l_label} /sync incremental, 8 conns", sync_path(large, True), 8, secs
             ),
-            Workload("sync_l_init_c1", f"{l_label} /sync initial, 1 conn", sync_path(large, False), 1, secs),
+            # Few requests fit in a run at this size: twice the time.
+            Workload(
+                "sync_l_init_c1", f"{l_label} /sync initial, 1 conn", sync_path(large, False), 1, 2 * secs
+            ),
         ]
+        # The floor again, right after each repetition of the proxy's rewrite runs: the
+        # same minutes of this shared machine as the figure it is compared with.
+        floors_in_run: dict[str, list[float]] = {str(small): [], str(large): []}
+        repeats = dict(zip(settings.sync_sizes, settings.floor_repeats, strict=True))
+
+        def floor_after(size: int) -> Any:
+            def finish(target: Target, result: Any) -> None:
+                if target.key == "proxy":
+                    body = bodies[size]
+                    floors_in_run[str(size)].append(
+                        _timed(repeats[size], lambda: orjson.dumps(orjson.loads(body)))
+                    )
+
+            return finish
+
         for w in workloads:
             if w.key.startswith("sync"):
                 w.headers = (AUTH,)
+                w.targets = ("direct", "nginx", "proxy")
+            if w.key == "sync_s_init_c1":
+                w.finish = floor_after(small)
+            if w.key == "sync_l_init_c1":
+                w.finish = floor_after(large)
         say("pass-through: 26-byte GET and /sync bodies, targets interleaved")
         results = run_interleaved(
             wrk, workloads, targets, reps=settings.reps, warmup_seconds=settings.warmup_seconds
         )
     finally:
+        minimal.stop()
         nginx.stop()
     return {
         "workloads": {w.key: w.label for w in workloads},
         "targets": {t.key: t.label for t in targets},
         "summary": {wk: {tk: summarize(runs) for tk, runs in per.items()} for wk, per in results.items()},
+        "floors_in_run": floors_in_run,
     }

@@ -37,6 +37,7 @@ if __name__ == "__main__":
 sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
@@ -74,7 +75,7 @@ def _version(argv: list[str]) -> str:
     return text[0] if text else "?"
 
 
-def machine_facts(synapse_python: Path | None) -> dict[str, Any]:
+def machine_facts(synapse_python: Path | None, code: Path) -> dict[str, Any]:
     import aiohttp
     import orjson
 
@@ -104,9 +105,19 @@ def machine_facts(synapse_python: Path | None) -> dict[str, Any]:
         "Synapse": _version([str(synapse_python), "-c", "import synapse; print(synapse.__version__)"])
         if synapse_python
         else "not run",
-        "proxy code": f"git {git}" + (" with uncommitted changes in proxy/" if dirty else ""),
+        "proxy code": f"git {git}"
+        + (" with uncommitted changes in proxy/" if dirty else "")
+        + f"; a copy of proxy/ taken at the start ran throughout (sha256 {proxy_code_hash(code)})",
     }
     return {"facts": facts, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def proxy_code_hash(directory: Path) -> str:
+    """A hash of `directory`/*.py (the proxy package's sources)."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _busy_ticks() -> int:
@@ -130,31 +141,47 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the working directory (configs, logs)")
     args = parser.parse_args()
 
+    workdir = Path(tempfile.mkdtemp(prefix="msc3391-bench-"))
+    workdir.chmod(0o755)  # nginx workers (nobody) read the static files below it
+    # The proxy's code is copied once: every proxy process of the run and the in-process
+    # parts (floor pipeline, store) use this copy, even if proxy/ is edited meanwhile.
+    code = workdir / "code"
+    shutil.copytree(ROOT / "proxy", code / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(code))
+    try:
+        return _run(args, workdir, code)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, workdir: Path, code: Path) -> int:
+    import tests.synapse_rig as rig
     from bench import memory_bench, passthrough, report, store_bench, synapse_bench
     from bench.harness import Wrk, say
     from bench.settings import FULL, QUICK
     from tests.synapse_rig import ProxyProcess, ensure_synapse_venv
 
+    rig.REPO_ROOT = code  # ProxyProcess runs `python -m proxy` from there
+
     settings = QUICK if args.quick else FULL
     sections = set(SECTIONS if not args.only else args.only.split(","))
     unknown = sections - set(SECTIONS)
     if unknown:
-        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+        sys.exit(f"bench: unknown sections: {', '.join(sorted(unknown))} (known: {', '.join(SECTIONS)})")
     ensure_tools()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every server started here
 
     command = "python3 bench/run.py" + (" --quick" if args.quick else "")
     if args.only:
         command += f" --only {args.only}"
     synapse_python = ensure_synapse_venv(say=say) if "synapse" in sections else None
-    workdir = Path(tempfile.mkdtemp(prefix="msc3391-bench-"))
-    workdir.chmod(0o755)  # nginx workers (nobody) read the static files below it
     say(f"working directory {workdir}")
     started = time.monotonic()
     busy_start = _busy_ticks()
     load_start = os.getloadavg()
-    results: dict[str, Any] = {"machine": machine_facts(synapse_python)}
+    results: dict[str, Any] = {"machine": machine_facts(synapse_python, code / "proxy")}
     wrk = Wrk(workdir)
 
     def proxy_factory(upstream_url: str, name: str) -> ProxyProcess:
@@ -182,7 +209,7 @@ def main() -> int:
             proxy = proxy_factory(f"http://127.0.0.1:{upstream.ports[0]}", "proxy-static")
             stack.append(proxy)
             results["passthrough"] = passthrough.run(
-                settings, workdir, wrk, upstream, proxy.process.pid, proxy.url
+                settings, workdir, wrk, upstream, proxy.process.pid, proxy.url, bodies
             )
             proxy.stop()
         if "synapse" in sections:
@@ -195,9 +222,10 @@ def main() -> int:
     finally:
         for thing in reversed(stack):
             thing.stop()
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
 
+    now = proxy_code_hash(ROOT / "proxy")
+    if now != proxy_code_hash(code / "proxy"):
+        results["machine"]["facts"]["proxy code"] += f" (proxy/ was edited during the run: now {now})"
     wall = time.monotonic() - started
     times = os.times()
     own = times.user + times.system + times.children_user + times.children_system

@@ -64,17 +64,36 @@ def _flush(
     db: sqlite3.Connection, tombstones: list[tuple[Any, ...]], unsynced: list[tuple[Any, ...]]
 ) -> None:
     db.executemany(
-        "INSERT INTO account_data_tombstones (stream_id, user_id, room_id, account_data_type, state, created_ts)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO account_data_tombstones"
+        " (stream_id, user_id, room_id, account_data_type, state, created_ts) VALUES (?, ?, ?, ?, ?, ?)",
         tombstones,
     )
     db.executemany(
-        "INSERT INTO account_data_unsynced_deletes (stream_id, user_id, account_data_type, room_id, device_id)"
-        " VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO account_data_unsynced_deletes"
+        " (stream_id, user_id, account_data_type, room_id, device_id) VALUES (?, ?, ?, ?, ?)",
         unsynced,
     )
     tombstones.clear()
     unsynced.clear()
+
+
+def commit_floor_ms(directory: Path, repeats: int = 30) -> float:
+    """One one-row transaction in WAL mode with synchronous=FULL (the proxy's settings)
+    on this file system: what any durable commit costs here, whatever the schema."""
+    path = directory / "commit-floor.sqlite3"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = FULL")
+    db.execute("CREATE TABLE t (x INTEGER)")
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO t VALUES (?)", (i,))
+        db.execute("COMMIT")
+        times.append((time.perf_counter() - t0) * 1000)
+    db.close()
+    return median(times)
 
 
 def _per_call_ns(calls: int, work: Any) -> float:
@@ -236,7 +255,14 @@ def run(settings: Settings, workdir: Path, upstream_url: str) -> dict[str, Any]:
     say("store: counting database statements of /syncs in an in-process proxy")
     no_query = asyncio.run(_no_query_check(path, directory, upstream_url, settings.sync_sizes[0]))
     fs = _filesystem(directory)
-    return {"populated": populated, **figures, "no_query": no_query, "filesystem": fs}
+    floor = commit_floor_ms(directory)
+    return {
+        "populated": populated,
+        **figures,
+        "no_query": no_query,
+        "filesystem": fs,
+        "commit_floor_ms": floor,
+    }
 
 
 def _filesystem(path: Path) -> str:

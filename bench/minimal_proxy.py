@@ -1,0 +1,43 @@
+"""A reference, not a target of the issue: the least an aiohttp reverse proxy does.
+
+`python bench/minimal_proxy.py PORT UPSTREAM_URL`: one shared ClientSession, the raw
+path forwarded, the body read whole and answered in one response, hop-by-hop headers
+dropped; nothing else (no routing, no identity, no metrics, no logging). Its CPU per
+request on the same machine in the same run tells how much of the proxy's pass-through
+cost is the framework's and how much the proxy's own.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade", "te", "trailer"}
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+async def forward(request: web.Request) -> web.Response:
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+    async with request.app[SESSION].request(
+        request.method, UPSTREAM + request.raw_path, headers=headers, allow_redirects=False
+    ) as upstream:
+        body = await upstream.read()
+        out = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP}
+        return web.Response(status=upstream.status, body=body, headers=out)
+
+
+async def session(app: web.Application) -> AsyncIterator[None]:
+    app[SESSION] = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+    yield
+    await app[SESSION].close()
+
+
+if __name__ == "__main__":
+    PORT, UPSTREAM = int(sys.argv[1]), sys.argv[2]
+    app = web.Application()
+    app.cleanup_ctx.append(session)
+    app.router.add_route("*", "/{path:.*}", forward)
+    web.run_app(app, host="127.0.0.1", port=PORT, access_log=None, print=None)
