@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.synapse_rig import REPO_ROOT, _die_with_parent, _stop_process, free_port
+from tests.synapse_rig import REPO_ROOT, _stop_process, free_port, spawn_child
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -157,15 +157,7 @@ class Child:
 
     def start(self) -> None:
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.argv,
-                cwd=REPO_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent(),
-            )
+            self.process = spawn_child(self.argv, log)
         try:
             wait_for_port(self.port, self.process, self.what)
         except RuntimeError:
@@ -237,7 +229,7 @@ class Nginx:
         )
         if checked.returncode != 0:
             raise RuntimeError(f"nginx {self.name}: bad config:\n{checked.stderr}")
-        self.process = subprocess.Popen(
+        self.process = spawn_child(
             [
                 nginx,
                 "-e",
@@ -247,11 +239,7 @@ class Nginx:
                 "-p",
                 str(self.directory),
             ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_die_with_parent(),
+            subprocess.DEVNULL,
         )
         for port in self.ports:
             wait_for_port(port, self.process, f"nginx {self.name}")

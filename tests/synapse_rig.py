@@ -215,6 +215,21 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
+def spawn_child(argv: list[str], output: Any, cwd: Path = REPO_ROOT) -> subprocess.Popen[bytes]:
+    """Start a helper process (Synapse, the proxy, nginx): output to `output` (a file or
+    DEVNULL), no input, in its own session, so a Ctrl-C meant for the test run or the
+    demo does not reach it (it is stopped explicitly, by PID), and SIGTERMed if we die."""
+    return subprocess.Popen(
+        argv,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_parent(),
+    )
+
+
 def _stop_process(process: subprocess.Popen[bytes], grace: float) -> None:
     """SIGTERM to this process (by its own PID), SIGKILL if it is still alive after `grace`."""
     if process.poll() is not None:
@@ -436,16 +451,10 @@ class SynapseServer:
         self.log_path.write_text("")
         self._output = self.output_path.open("w")
         started = time.monotonic()
-        self.process = subprocess.Popen(
+        self.process = spawn_child(
             [str(python), "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
+            self._output,
             cwd=self.directory,
-            stdin=subprocess.DEVNULL,
-            stdout=self._output,
-            stderr=subprocess.STDOUT,
-            # Its own session: a Ctrl-C meant for the test run or the demo does not
-            # reach it; it is stopped explicitly, by PID.
-            start_new_session=True,
-            preexec_fn=_die_with_parent(),
         )
         try:
             _wait_until_answering(
@@ -639,14 +648,8 @@ class ProxyProcess:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(toml_dumps(self.config))
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "--config", str(self.config_path)],
-                cwd=REPO_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent(),
+            self.process = spawn_child(
+                [sys.executable, "-m", "proxy", "--config", str(self.config_path)], log
             )
         try:
             _wait_until_answering(

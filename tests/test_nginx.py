@@ -24,13 +24,13 @@ from tests.synapse_rig import (
     REPO_ROOT,
     ProxyProcess,
     SynapseServer,
-    _die_with_parent,
     _stop_process,
     _wait_until_answering,
     free_port,
     login,
     quote,
     register,
+    spawn_child,
 )
 
 pytestmark = pytest.mark.synapse
@@ -97,7 +97,7 @@ class Nginx:
 
     def start(self) -> None:
         with self.output_path.open("wb") as output:
-            self.process = subprocess.Popen(
+            self.process = spawn_child(
                 # -e: the error log before the configuration is read (not /var/log/nginx).
                 [
                     self.binary,
@@ -108,11 +108,7 @@ class Nginx:
                     "-e",
                     str(self.error_log),
                 ],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent(),
+                output,
             )
         try:
             _wait_until_answering(
