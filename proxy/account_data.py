@@ -241,7 +241,7 @@ async def _delete(
             reply = await _call(ctx, request, requester, "PUT", path, {})
         except MatrixError:
             # 502/504: the write may or may not have landed. Ask, rather than guess.
-            if await settle(ctx, request, requester, stream_id) is True:
+            if await _settle_held(ctx, request, requester, stream_id) is True:
                 return
             raise
         except BaseException:
@@ -249,7 +249,7 @@ async def _delete(
             raise
         if reply.status >= 500:
             # The homeserver failed while handling the write, perhaps after storing it.
-            if await settle(ctx, request, requester, stream_id) is True:
+            if await _settle_held(ctx, request, requester, stream_id) is True:
                 return
             raise upstream_refusal(reply.status, reply.body, reply.content_type, "the write")
         if reply.status != 200:
@@ -262,10 +262,25 @@ async def _delete(
 async def settle(ctx: Context, request: web.Request, requester: Requester, stream_id: int) -> bool | None:
     """Settle a delete whose homeserver write has an unknown outcome by reading the
     type back: `{}` means it landed (commit), anything else that it did not (abort).
-    Returns None, leaving the intent for a later request, if the homeserver cannot say."""
+    Returns None, leaving the intent for a later request, if the homeserver cannot say
+    (or it is settled already).
+
+    Several requests of the user may try at once (a retried DELETE beside a sync
+    loop): each settles under the type's lock, and only an intent still pending."""
     tombstone = await ctx.store.tombstone(stream_id)
     if tombstone is None or tombstone.state != "pending":
         return None
+    async with ctx.type_locks.hold((tombstone.user_id, tombstone.room_id, tombstone.account_data_type)):
+        return await _settle_held(ctx, request, requester, stream_id)
+
+
+async def _settle_held(
+    ctx: Context, request: web.Request, requester: Requester, stream_id: int
+) -> bool | None:
+    """`settle`, for a caller that holds the type's lock already."""
+    tombstone = await ctx.store.tombstone(stream_id)
+    if tombstone is None or tombstone.state != "pending":
+        return None  # settled by another request while this one waited for the lock
     try:
         reply = await _call(
             ctx,

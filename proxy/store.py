@@ -351,7 +351,9 @@ class Store:
         """The homeserver holds the delete: it replaces any earlier delete of the type."""
         async with self._locked():
             row = await self._tombstone_row(stream_id)
-            if row is None:
+            if row is None or row.state != "pending":
+                # Settled already (by a concurrent request, say): a second commit would
+                # remove the delete itself as an "earlier" one of its type.
                 return
             async with self._transaction():
                 await self._execute_all(
@@ -375,8 +377,8 @@ class Store:
         """The homeserver refused or never got the delete: leave no trace of it."""
         async with self._locked():
             row = await self._tombstone_row(stream_id)
-            if row is None:
-                return
+            if row is None or row.state != "pending":
+                return  # a committed delete is never undone by a late abort
             async with self._transaction():
                 await self._execute_all(self._remove_tombstones_sql("stream_id = ?", (stream_id,)))
             self._forget_intent(row.user_id, stream_id)

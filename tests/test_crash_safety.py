@@ -413,3 +413,36 @@ async def test_a_client_that_hangs_up_mid_delete_does_not_stop_it(
     assert (status, body) == (200, b"{}")
     assert len(hs.requests_to(ACCOUNT_DATA, method="PUT")) == 1
     await assert_deleted_everywhere(http, proxy.url, hs, store, since)
+
+
+async def test_an_intent_settled_by_many_requests_at_once_is_committed_once(
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    """A write that landed but whose outcome the proxy could not learn (the homeserver
+    applied it, answered 500, and the read-back failed too) leaves an orphaned intent.
+    The user's next requests each settle it: many at once (a client retrying its
+    DELETE while its sync loop runs) must commit it once. A second commit used to
+    remove the tombstone together with every device's row."""
+    proxy = await start_proxy(hs.url)
+    store = proxy.config.store.path
+    since = hs.next_batch
+    hs.fault(ACCOUNT_DATA, method="PUT", apply=True, status=500, json=MATRIX_500, times=1)
+    hs.fault(ACCOUNT_DATA, method="GET", times=1)  # the read before the write goes through...
+    hs.fault(ACCOUNT_DATA, method="GET", status=500, json=MATRIX_500, times=1)  # ...the read-back fails
+    status, _, _ = await call(http, proxy.url, "DELETE", DELETE)
+    assert status == 500
+    assert hs.account_data(ALICE, KIND) == {}
+    assert [(t[3], t[4]) for t in snapshot(store).tombstones] == [(KIND, "pending")]
+    reads = len(hs.requests_to(ACCOUNT_DATA, method="GET"))
+
+    # Every settling read-back is slow, so all the requests find the intent pending.
+    hs.fault(ACCOUNT_DATA, method="GET", delay=0.3, times=20)
+    other = f"/_matrix/client/v3/user/{quote(ALICE, safe='')}/account_data/{OTHER_KIND}"
+    answers = await asyncio.gather(*(call(http, proxy.url, "GET", other) for _ in range(8)))
+
+    assert [a[0] for a in answers] == [200] * 8
+    assert len(hs.requests_to(ACCOUNT_DATA, method="GET")) == reads + 1  # settled once
+    state = assert_consistent(store, is_live(hs))
+    assert state.tombstones_of(ALICE) == {(None, KIND, "done")}
+    assert state.rows_of(ALICE) == {(None, KIND, SECOND), (None, KIND, THIRD)}
+    await assert_deleted_everywhere(http, proxy.url, hs, store, since)

@@ -174,3 +174,15 @@ async def test_a_corrupt_file_is_a_store_error(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError):
         await Store(path).open()
+
+
+async def test_commit_and_abort_are_idempotent(store: Store) -> None:
+    """Settling may be attempted more than once for one intent: a second commit (or an
+    abort after the commit) must leave the committed delete alone."""
+    sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "D3"])
+    await store.commit_delete(sid)
+    await store.commit_delete(sid)
+    await store.abort_delete(sid)
+
+    assert [(t.stream_id, t.state) for t in await store.tombstones(ALICE)] == [(sid, "done")]
+    assert {r.device_id for r in await store.unsynced_rows(ALICE)} == {"D2", "D3"}
