@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
-from urllib.parse import quote
+from collections.abc import Coroutine
+from functools import partial
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -30,14 +31,18 @@ from .errors import (
     M_NOT_JSON,
     M_UNKNOWN,
     MatrixError,
+    StoreUnavailable,
     upstream_refusal,
 )
-from .forward import UpstreamReply
+from .forward import UpstreamReply, body_response
 from .identity import Requester
 from .matrix_ids import is_valid_room_id
-from .store import StoreUnavailable
+from .repairs import TypeKey
+from .routing import encode_segment
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A GET answer longer than this is neither `{}` nor a Matrix 404 error body.
 _SMALL = 512
@@ -80,10 +85,10 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 
 
 def _account_data_path(user_id: str, room_id: str | None, account_data_type: str) -> str:
-    path = f"/_matrix/client/v3/user/{quote(user_id, safe='')}"
+    path = f"/_matrix/client/v3/user/{encode_segment(user_id)}"
     if room_id is not None:
-        path += f"/rooms/{quote(room_id, safe='')}"
-    return path + f"/account_data/{quote(account_data_type, safe='')}"
+        path += f"/rooms/{encode_segment(room_id)}"
+    return path + f"/account_data/{encode_segment(account_data_type)}"
 
 
 def _ok() -> web.Response:
@@ -156,14 +161,24 @@ async def put(ctx: Context, request: web.Request, params: dict[str, str]) -> web
         await delete_account_data(ctx, request, requester, room_id, account_data_type)
         return _ok()
     key = (requester.user_id, room_id, account_data_type)
+    reply = await _to_completion(_write(ctx, request, requester, key, raw))
+    return reply.response()
+
+
+async def _write(
+    ctx: Context, request: web.Request, requester: Requester, key: TypeKey, raw: bytes
+) -> UpstreamReply:
+    """Forward a PUT of content; once the homeserver holds it, the type is live again
+    and no device needs to hear of an old delete of it. A store that fails after the
+    homeserver accepted does not turn the accepted write into an error: the revive is
+    queued and retried (`repairs.py`)."""
     async with ctx.type_locks.hold(key):
-        async with ctx.upstream.open(request, body=raw) as upstream:
-            if upstream.status == 200 and ctx.store.has_rows(requester.user_id):
-                # Live again: no device needs to hear of the old delete any more. (A
-                # settled tombstone always has rows: without any, there is none to drop,
-                # and the write does not depend on the store at all.)
-                await ctx.store.revive(*key)
-            return await ctx.upstream.relay(request, upstream)
+        reply = await ctx.upstream.exchange(request, body=raw)
+        # A settled tombstone always has rows: a user without any has none to drop, and
+        # the write does not depend on the store at all.
+        if reply.status == 200 and (ctx.store.has_rows(requester.user_id) or ctx.repairs.queued(key)):
+            await ctx.repairs.run_or_queue(key, partial(ctx.store.revive, *key), revive=True)
+        return reply
 
 
 async def get(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
@@ -172,7 +187,9 @@ async def get(ctx: Context, request: web.Request, params: dict[str, str]) -> web
     room_id = params.get("room_id")
     account_data_type = params["account_data_type"]
     _check_room_id(room_id)
-    async with ctx.upstream.open(request, headers={"Accept-Encoding": "identity"}) as upstream:
+    # HEAD is served as GET (Synapse does the same), so a deleted type is 404 for both;
+    # aiohttp leaves the body out of the answer to a HEAD.
+    async with ctx.upstream.open(request, method="GET", headers={"Accept-Encoding": "identity"}) as upstream:
         if upstream.status not in (200, 404):
             return await ctx.upstream.relay(request, upstream)
         prefix, whole = await ctx.upstream.read_prefix(upstream, _SMALL)
@@ -192,11 +209,7 @@ async def get(ctx: Context, request: web.Request, params: dict[str, str]) -> web
     if upstream.status == 200 and deleted:
         message = "Room account data not found" if room_id is not None else "Account data not found"
         raise MatrixError(404, M_NOT_FOUND, message)
-    return web.Response(
-        status=upstream.status,
-        body=prefix,
-        headers={"Content-Type": upstream.headers.get("Content-Type", "application/json")},
-    )
+    return body_response(upstream, prefix, decoded=False)
 
 
 def _is_empty_object(raw: bytes) -> bool:
@@ -214,16 +227,25 @@ async def delete_account_data(
 ) -> None:
     """Delete, or raise the error to answer. Runs to completion even if the client
     goes away, so the store and the homeserver never disagree because of a hang-up."""
-    task = asyncio.ensure_future(_delete(ctx, request, requester, room_id, account_data_type))
-    await asyncio.shield(task)
+    await _to_completion(_delete(ctx, request, requester, room_id, account_data_type))
+
+
+async def _to_completion(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end even if the client goes away (its handler is cancelled):
+    a write the homeserver accepted is always followed by the store's part of it."""
+    return await asyncio.shield(asyncio.ensure_future(work))
 
 
 async def _delete(
     ctx: Context, request: web.Request, requester: Requester, room_id: str | None, account_data_type: str
 ) -> None:
     user_id = requester.user_id
+    key = (user_id, room_id, account_data_type)
     path = _account_data_path(user_id, room_id, account_data_type)
-    async with ctx.type_locks.hold((user_id, room_id, account_data_type)):
+    async with ctx.type_locks.hold(key):
+        # A store write of this type still queued from a fault comes first; if the
+        # store still fails, so would this delete's, before anything reaches the homeserver.
+        await ctx.repairs.flush(key)
         current = await _call(ctx, request, requester, "GET", path)
         if current.status == 404 or (current.status == 200 and _is_empty_object(current.body)):
             # Never set, or deleted already: as in Synapse, nothing changes and no
@@ -245,7 +267,9 @@ async def _delete(
                 return
             raise
         except BaseException:
-            await ctx.store.abort_delete(stream_id)
+            # Cancelled at shutdown, or a bug: whether the write landed is unknown, so
+            # the intent stays for the user's next request (or the next start) to settle.
+            ctx.store.mark_orphaned(user_id, stream_id)
             raise
         if reply.status >= 500:
             # The homeserver failed while handling the write, perhaps after storing it.
@@ -253,10 +277,22 @@ async def _delete(
                 return
             raise upstream_refusal(reply.status, reply.body, reply.content_type, "the write")
         if reply.status != 200:
-            await ctx.store.abort_delete(stream_id)
+            await _abort(ctx, key, stream_id)
             raise upstream_refusal(reply.status, reply.body, reply.content_type, "the write")
-        await ctx.store.commit_delete(stream_id)
-        ctx.metrics.deletes.labels("global" if room_id is None else "room").inc()
+        await _commit(ctx, key, stream_id)
+
+
+async def _commit(ctx: Context, key: TypeKey, stream_id: int) -> None:
+    """The homeserver holds the delete: so must the store. If the store fails now (a
+    full disk), the delete still happened and is answered 200: its intent is on disk
+    already, and the commit is retried until the store takes it."""
+    await ctx.repairs.run_or_queue(key, partial(ctx.store.commit_delete, stream_id))
+    ctx.metrics.deletes.labels("global" if key[1] is None else "room").inc()
+
+
+async def _abort(ctx: Context, key: TypeKey, stream_id: int) -> None:
+    """The homeserver refused the write: the intent goes (now, or once the store takes it)."""
+    await ctx.repairs.run_or_queue(key, partial(ctx.store.abort_delete, stream_id))
 
 
 async def settle(ctx: Context, request: web.Request, requester: Requester, stream_id: int) -> bool | None:
@@ -292,11 +328,12 @@ async def _settle_held(
     except MatrixError:
         ctx.store.mark_orphaned(tombstone.user_id, stream_id)
         return None
+    key = (tombstone.user_id, tombstone.room_id, tombstone.account_data_type)
     if reply.status == 200 and _is_empty_object(reply.body):
-        await ctx.store.commit_delete(stream_id)
+        await _commit(ctx, key, stream_id)
         return True
     if reply.status in (200, 404):
-        await ctx.store.abort_delete(stream_id)
+        await _abort(ctx, key, stream_id)
         return False
     ctx.store.mark_orphaned(tombstone.user_id, stream_id)
     return None

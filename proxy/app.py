@@ -143,8 +143,10 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
                 max_size=config.proxy.identity_cache_size,
             )
             filters = FilterCache(upstream, identity)
-            app[CONTEXT] = Context(config, upstream, identity, store, filters, metrics)
+            context = app[CONTEXT] = Context(config, upstream, identity, store, filters, metrics)
+            context.repairs.start()
             yield
+            await context.repairs.stop()
         finally:
             await store.close()
             await upstream.close()

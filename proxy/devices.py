@@ -7,13 +7,14 @@ user-interactive-auth round trip (401 with flows) or a refusal changes nothing.
 from __future__ import annotations
 
 import json
+from functools import partial
 
 from aiohttp import web
 
 from .account_data import caller, read_body
 from .context import Context
+from .errors import StoreUnavailable
 from .identity import Requester
-from .store import StoreUnavailable
 
 
 async def _forward_then(
@@ -21,17 +22,20 @@ async def _forward_then(
 ) -> web.StreamResponse:
     async with ctx.upstream.open(request, body=body) as upstream:
         if upstream.status == 200:
+            user_id = requester.user_id
             if on_success is None:
-                ctx.identity.forget_user(requester.user_id)
+                ctx.identity.forget_user(user_id)
+                forget = partial(ctx.store.remove_all_devices, user_id)
+            else:
+                forget = partial(ctx.store.remove_devices, user_id, on_success)
             try:
-                if on_success is None:
-                    await ctx.store.remove_all_devices(requester.user_id)
-                else:
-                    await ctx.store.remove_devices(requester.user_id, on_success)
+                await forget()
             except StoreUnavailable:
-                # Logged by the store. The homeserver removed the devices: the client is
-                # told so; their rows go when a later delete or sync sees them missing.
-                pass
+                # The homeserver removed the devices and the client is told so. Their rows
+                # go once the store takes it: nobody may ever ask again (after logout/all
+                # or a deactivation, the account has no token left), so it is retried.
+                which = None if on_success is None else tuple(on_success)
+                ctx.repairs.add(("forget-devices", user_id, which), forget)
         return await ctx.upstream.relay(request, upstream)
 
 

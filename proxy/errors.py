@@ -51,6 +51,15 @@ class RelayedResponse(Exception):
         return web.Response(status=self.status, body=self.body, headers=headers)
 
 
+class StoreUnavailable(MatrixError):
+    """A store operation failed at run time (read-only or full disk, locked, corrupt,
+    the file gone): the request that needed it gets a 500 Matrix error; forwarding
+    goes on."""
+
+    def __init__(self, cause: object) -> None:
+        super().__init__(500, M_UNKNOWN, f"The proxy's deletion store is unavailable: {cause}")
+
+
 def error_response(status: int, errcode: str, message: str) -> web.Response:
     return web.Response(
         status=status,

@@ -18,12 +18,12 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 from aiohttp import web
 
 from .forward import Upstream
 from .identity import Identity, Requester
+from .routing import encode_segment
 
 
 def _strings(value: Any) -> tuple[str, ...] | None:
@@ -132,7 +132,7 @@ class FilterCache:
             return cached
         reply = await self._upstream.call(
             "GET",
-            f"/_matrix/client/v3/user/{quote(requester.user_id, safe='')}/filter/{quote(param, safe='')}",
+            f"/_matrix/client/v3/user/{encode_segment(requester.user_id)}/filter/{encode_segment(param)}",
             headers=self._identity.headers_for(request, requester.credentials),
             params=requester.credentials.params,
         )

@@ -77,10 +77,16 @@ class UpstreamReply:
     status: int
     body: bytes
     headers: CIMultiDictProxy[str]
+    reason: str | None = None
 
     @property
     def content_type(self) -> str | None:
         return self.headers.get(hdrs.CONTENT_TYPE)
+
+    def response(self) -> web.Response:
+        """This answer for the client, as the homeserver gave it."""
+        headers = end_to_end(self.headers, drop=(hdrs.CONTENT_LENGTH,))
+        return web.Response(status=self.status, reason=self.reason, body=self.body, headers=headers)
 
 
 class Upstream:
@@ -200,11 +206,13 @@ class Upstream:
         read_timeout: float | None = None,
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        method: str | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send the client's request upstream; yields the response with its body unread.
 
         The body is the client's, streamed, unless `body` is given (one the proxy
-        already read to inspect it). `headers` override single headers.
+        already read to inspect it). `headers` override single headers; `method`
+        the request's own (a HEAD the proxy serves as GET).
         """
         out_headers = self._request_headers(request)
         if headers:
@@ -221,7 +229,7 @@ class Upstream:
         started = time.monotonic()
         async with self.upstream_errors():
             async with self.session.request(
-                request.method,
+                method or request.method,
                 self.url_for(request.raw_path),
                 headers=out_headers,
                 data=data,
@@ -257,6 +265,8 @@ class Upstream:
         if length is not None:
             response.content_length = length
         await response.prepare(request)
+        if request.method == "HEAD":
+            return response  # a HEAD served as GET upstream: the headers are the answer
         try:
             if prefix:
                 await response.write(prefix)
@@ -289,6 +299,13 @@ class Upstream:
                 chunks.append(chunk)
                 got += len(chunk)
             return b"".join(chunks), upstream.content.at_eof()
+
+    async def exchange(self, request: web.BaseRequest, *, body: bytes) -> UpstreamReply:
+        """The client's request, with a body the proxy read, sent upstream; the (small)
+        answer read whole, so that the caller can finish its work before answering."""
+        async with self.open(request, body=body) as upstream:
+            data = await self.read_whole(upstream)
+            return UpstreamReply(upstream.status, data, upstream.headers, upstream.reason)
 
     async def forward(
         self, request: web.BaseRequest, *, read_timeout: float | None = None
@@ -326,7 +343,7 @@ class Upstream:
                 timeout=self.timeout(read_timeout),
             ) as response:
                 body = await response.read()
-                return UpstreamReply(response.status, body, response.headers)
+                return UpstreamReply(response.status, body, response.headers, response.reason)
 
     @asynccontextmanager
     async def upstream_errors(self) -> AsyncIterator[None]:

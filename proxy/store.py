@@ -32,21 +32,13 @@ from pathlib import Path
 
 import aiosqlite
 
-from .errors import M_UNKNOWN, MatrixError
+from .errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
     """The store cannot be opened (unreadable, newer schema, ...); one line for the operator."""
-
-
-class StoreUnavailable(MatrixError):
-    """A store operation failed at run time (read-only or full disk, locked, corrupt):
-    the request that needed it gets a 500 Matrix error; forwarding goes on."""
-
-    def __init__(self, cause: sqlite3.Error) -> None:
-        super().__init__(500, M_UNKNOWN, f"The proxy's deletion store is unavailable: {cause}")
 
 
 # Each entry (a tuple of statements) moves the schema from version N-1 to N (N = position

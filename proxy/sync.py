@@ -24,12 +24,12 @@ from aiohttp import web
 from . import jsoncodec
 from .account_data import caller, device_ids
 from .context import Context
-from .errors import MatrixError, RelayedResponse, bad_gateway
+from .errors import MatrixError, RelayedResponse, StoreUnavailable, bad_gateway
 from .filters import NO_FILTER, SyncFilter
 from .forward import accept_encoding_we_can_read, body_response, can_decode, decode_body
 from .identity import Requester
 from .rewrite import SyncRewrite, may_hold_deletions, rewrite_sync, rooms_to_place, strip_legacy_initial_sync
-from .store import PendingDelete, StoreUnavailable
+from .store import PendingDelete
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,12 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
     pending = (
         await _best_effort(store.pending_for_device(requester.user_id, device_id), []) if has_pending else []
     )
+    # A type whose revive waits for the store is live on the homeserver: never tell it deleted.
+    pending = [
+        p for p in pending if not ctx.repairs.reviving(requester.user_id, p.room_id, p.account_data_type)
+    ]
     with _gc_paused():
-        return await _rewrite(ctx, request, requester, upstream, raw, plain, pending, incremental, full_state)
+        return await _rewrite(ctx, request, requester, upstream, raw, plain, pending, since, full_state)
 
 
 async def _rewrite(
@@ -146,12 +150,13 @@ async def _rewrite(
     raw: bytes,
     plain: bytes,
     pending: list[PendingDelete],
-    incremental: bool,
+    since: str | None,
     full_state: bool,
 ) -> web.StreamResponse:
     """Parse, rewrite, record and answer; every reference to the parsed tree is gone
     when this returns (see `_gc_paused`)."""
     device_id = requester.device_id
+    incremental = bool(since)
     body = await _off_loop(len(plain), lambda: _parse(plain))
     sync_filter, joined = await _injection_context(ctx, request, requester, body, pending, incremental)
 
@@ -172,8 +177,11 @@ async def _rewrite(
         ctx.metrics.stripped.inc()
     next_batch = body.get("next_batch")
     del body, result
-    if delivered and device_id is not None and isinstance(next_batch, str):
-        # Recorded before the response leaves: if it arrives, the proof can be checked.
+    # Recorded before the response leaves: if it arrives, the proof can be checked. Not
+    # when the homeserver handed back the request's own `since` (nothing changed): the
+    # next request would send that token again whether this response arrived or was
+    # lost, so it could prove nothing. The rows stay until a response with a new token.
+    if delivered and device_id is not None and isinstance(next_batch, str) and next_batch != since:
         await _best_effort(
             ctx.store.record_delivery(requester.user_id, device_id, next_batch, delivered), None
         )

@@ -97,3 +97,35 @@ async def test_a_delivery_of_a_delete_revived_meanwhile_leaves_no_record(tmp_pat
         assert snapshot(store.path).empty
     finally:
         await store.close()
+
+
+async def test_a_retry_with_an_unchanged_token_is_no_proof_of_receipt(
+    start_proxy: StartProxy, fake_hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    """When nothing changed, the homeserver answers with the `since` it was given (Synapse
+    does). A response that carried an injected deletion with `next_batch == since` can
+    be lost like any other; its retry sends the same `since` again, and must not count
+    as proof that the deletion arrived."""
+    for device, token in TOKENS.items():
+        fake_hs.add_device(ALICE, device, token=token)
+    fake_hs.set_account_data(ALICE, KIND, {"v": 1})
+    proxy = await start_proxy(fake_hs.url)
+    path = f"/_matrix/client/unstable/org.matrix.msc3391/user/{quote(ALICE)}/account_data/{KIND}"
+    async with http.delete(proxy.url + path, headers={"Authorization": f"Bearer {TOKENS['A1']}"}) as response:
+        assert response.status == 200
+    # A2 starts after the delete (the homeserver will not send it): only the row can tell.
+    after = fake_hs.next_batch
+
+    lost = await sync(http, proxy.url, "A2", after)
+    assert lost["next_batch"] == after
+    assert carried(lost) == [{"type": KIND, "content": {}}]
+    retried = await sync(http, proxy.url, "A2", after)  # the same request again: lost has not arrived
+
+    assert carried(retried) == [{"type": KIND, "content": {}}]
+    assert snapshot(proxy.config.store.path).rows_of(ALICE) == {(None, KIND, "A2")}
+    # Once the token moves, the response that carries the deletion can be proved.
+    fake_hs.set_account_data(ALICE, "org.example.other", {"x": 1})
+    moved = await sync(http, proxy.url, "A2", after)
+    assert moved["next_batch"] != after and carried(moved) == [{"type": KIND, "content": {}}]
+    await sync(http, proxy.url, "A2", moved["next_batch"])
+    assert snapshot(proxy.config.store.path).empty
