@@ -19,7 +19,7 @@ log = logging.getLogger("proxy")
 
 async def inspect(config: Config, as_json: bool) -> str:
     store = Store(config.store.path, busy_timeout=config.store.busy_timeout)
-    await store.open()
+    await store.open(exclusive=False)  # beside the running proxy
     try:
         report = await pending_report(store)
     finally:

@@ -32,7 +32,7 @@ from .errors import (
     M_UNKNOWN,
     MatrixError,
     StoreUnavailable,
-    upstream_refusal,
+    json_response,
 )
 from .forward import UpstreamReply, body_response
 from .identity import Requester
@@ -92,7 +92,7 @@ def _account_data_path(user_id: str, room_id: str | None, account_data_type: str
 
 
 def _ok() -> web.Response:
-    return web.json_response({})
+    return json_response({})
 
 
 class ClientTooSlow(MatrixError):
@@ -254,7 +254,7 @@ async def _delete(
         if current.status != 200:
             # Whether there is anything to delete is unknown: the homeserver's error
             # goes back rather than a guess (a `{}` written for a type never set).
-            raise upstream_refusal(current.status, current.body, current.content_type, "the read")
+            raise current.refusal("the read")
         devices = await device_ids(ctx, request, requester)
         stream_id = await ctx.store.begin_delete(
             user_id, room_id, account_data_type, requester.device_id, devices
@@ -275,10 +275,10 @@ async def _delete(
             # The homeserver failed while handling the write, perhaps after storing it.
             if await _settle_held(ctx, request, requester, stream_id) is True:
                 return
-            raise upstream_refusal(reply.status, reply.body, reply.content_type, "the write")
+            raise reply.refusal("the write")
         if reply.status != 200:
             await _abort(ctx, key, stream_id)
-            raise upstream_refusal(reply.status, reply.body, reply.content_type, "the write")
+            raise reply.refusal("the write")
         await _commit(ctx, key, stream_id)
 
 
@@ -343,7 +343,7 @@ async def device_ids(ctx: Context, request: web.Request, requester: Requester) -
     """The account's devices, as the homeserver lists them now."""
     reply = await _call(ctx, request, requester, "GET", "/_matrix/client/v3/devices")
     if reply.status != 200:
-        raise upstream_refusal(reply.status, reply.body, reply.content_type, "the device list")
+        raise reply.refusal("the device list")
     try:
         listed = json.loads(reply.body)["devices"]
         return [d["device_id"] for d in listed if isinstance(d.get("device_id"), str)]

@@ -7,6 +7,8 @@ matches no route is forwarded unchanged too. Route shapes live in `routing.py`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -58,7 +60,7 @@ ROUTE = web.RequestKey("route", str)  # the owned route a request was dispatched
 async def dispatch(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     found = match(request.method, request.raw_path)
-    if ctx.config.msc3391_enabled and found is not None:
+    if ctx.config.msc3391_enabled and found is not None and request.method != "OPTIONS":
         current_route.set(found.name.value)
         request[ROUTE] = found.name.value
         if found.method_allowed:
@@ -80,17 +82,26 @@ def _forward_read_timeout(ctx: Context, request: web.Request, found: RouteMatch 
 
 
 async def health(request: web.Request) -> web.Response:
-    """The proxy's own health; `?upstream=true` also asks the homeserver."""
+    """The proxy's own health: its store (when the feature is on) and, with
+    `?upstream=true`, the homeserver. 503 names what fails: with a failing store the
+    proxy still forwards and syncs, but refuses deletes."""
     ctx = request.app[CONTEXT]
-    if request.query.get("upstream") not in ("true", "1"):
-        return web.json_response({"status": "ok"})
-    try:
-        reply = await ctx.upstream.call("GET", "/_matrix/client/versions", headers={}, read_timeout=5.0)
-    except MatrixError as e:
-        return web.json_response({"status": "unavailable", "upstream": e.message}, status=503)
-    if reply.status != 200:
-        return web.json_response({"status": "unavailable", "upstream": f"HTTP {reply.status}"}, status=503)
-    return web.json_response({"status": "ok", "upstream": "ok"})
+    report: dict[str, str] = {"status": "ok"}
+    problem = ctx.store.problem() if ctx.config.msc3391_enabled else None
+    if problem is not None:
+        report.update(status="unavailable", store=problem)
+    elif ctx.config.msc3391_enabled:
+        report["store"] = "ok"
+    if request.query.get("upstream") in ("true", "1"):
+        try:
+            reply = await ctx.upstream.call("GET", "/_matrix/client/versions", headers={}, read_timeout=5.0)
+            upstream = "ok" if reply.status == 200 else f"HTTP {reply.status}"
+        except MatrixError as e:
+            upstream = e.message
+        report["upstream"] = upstream
+        if upstream != "ok":
+            report["status"] = "unavailable"
+    return web.json_response(report, status=200 if report["status"] == "ok" else 503)
 
 
 @web.middleware
@@ -101,6 +112,7 @@ async def matrix_errors(
     Each request gets an id for its log lines, and owned routes are counted."""
     request_id.set(new_request_id())
     response = await _answer(request, handler)
+    request.app[CONTEXT].upstream.homeserver_headers.apply(response)
     route = request.get(ROUTE)
     if route is not None:
         request.app[CONTEXT].metrics.requests.labels(route, str(response.status)).inc()
@@ -134,7 +146,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
         try:
             if config.msc3391_enabled:
                 await store.open()
-                metrics.watch_store(config.store.path)
+                metrics.watch_store(store)
                 metrics.devices_pending.set_function(store.devices_pending)
             identity = Identity(
                 upstream,
@@ -145,6 +157,9 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
             filters = FilterCache(upstream, identity)
             context = app[CONTEXT] = Context(config, upstream, identity, store, filters, metrics)
             context.repairs.start()
+            # Before serving, bounded: a homeserver that is down costs start-up nothing.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(upstream.learn_headers(), 2.0)
             yield
             await context.repairs.stop()
         finally:

@@ -9,9 +9,12 @@ carries a homeserver answer that must reach the client exactly as it came
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import web
-from multidict import CIMultiDict
+
+from .cors import built
 
 M_FORBIDDEN = "M_FORBIDDEN"
 M_NOT_FOUND = "M_NOT_FOUND"
@@ -36,19 +39,17 @@ class MatrixError(Exception):
 
 
 class RelayedResponse(Exception):
-    """A homeserver response to hand back to the client unchanged."""
+    """A homeserver response to hand back to the client unchanged (with its own
+    end-to-end headers: CORS and Cache-Control as the homeserver set them)."""
 
-    def __init__(self, status: int, body: bytes, content_type: str | None) -> None:
+    def __init__(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
         super().__init__(f"relayed upstream {status}")
         self.status = status
         self.body = body
-        self.content_type = content_type
+        self.headers = headers
 
     def response(self) -> web.Response:
-        headers = CIMultiDict()
-        if self.content_type:
-            headers["Content-Type"] = self.content_type
-        return web.Response(status=self.status, body=self.body, headers=headers)
+        return web.Response(status=self.status, body=self.body, headers=self.headers)
 
 
 class StoreUnavailable(MatrixError):
@@ -58,14 +59,22 @@ class StoreUnavailable(MatrixError):
 
     def __init__(self, cause: object) -> None:
         super().__init__(500, M_UNKNOWN, f"The proxy's deletion store is unavailable: {cause}")
+        self.cause = str(cause)
 
 
 def error_response(status: int, errcode: str, message: str) -> web.Response:
-    return web.Response(
-        status=status,
-        # Compact, as Synapse writes it: clients and tests may compare bodies byte for byte.
-        body=json.dumps({"errcode": errcode, "error": message}, separators=(",", ":")).encode(),
-        content_type="application/json",
+    return json_response({"errcode": errcode, "error": message}, status=status)
+
+
+def json_response(body: Any, *, status: int = 200) -> web.Response:
+    """An answer the proxy builds itself (it gets the homeserver's CORS headers)."""
+    return built(
+        web.Response(
+            status=status,
+            # Compact, as Synapse writes it: clients and tests may compare bodies byte for byte.
+            body=json.dumps(body, separators=(",", ":")).encode(),
+            content_type="application/json",
+        )
     )
 
 
@@ -78,12 +87,13 @@ def is_matrix_error(body: bytes) -> bool:
     return isinstance(parsed, dict) and isinstance(parsed.get("errcode"), str)
 
 
-def upstream_refusal(status: int, body: bytes, content_type: str | None, what: str) -> Exception:
+def upstream_refusal(status: int, body: bytes, headers: Mapping[str, str], what: str) -> Exception:
     """What to answer when the homeserver refused one of the proxy's own calls: its
     Matrix error as it came, or, for anything else (an HTML page from a gateway, an
-    empty body), a Matrix 502: never a plain-text body."""
+    empty body), a Matrix 502: never a plain-text body. `headers`: the end-to-end
+    headers of its answer."""
     if is_matrix_error(body):
-        return RelayedResponse(status, body, content_type)
+        return RelayedResponse(status, body, headers)
     return bad_gateway(f"The homeserver answered {what} with HTTP {status}")
 
 

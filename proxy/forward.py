@@ -23,7 +23,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config import Config
-from .errors import bad_gateway, gateway_timeout
+from .cors import HomeserverHeaders
+from .errors import MatrixError, bad_gateway, gateway_timeout, upstream_refusal
 from .metrics import Metrics, current_route
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,11 @@ class UpstreamReply:
         headers = end_to_end(self.headers, drop=(hdrs.CONTENT_LENGTH,))
         return web.Response(status=self.status, reason=self.reason, body=self.body, headers=headers)
 
+    def refusal(self, what: str) -> Exception:
+        """The error to raise for this answer to the proxy's own call (`what`)."""
+        headers = end_to_end(self.headers, drop=(hdrs.CONTENT_LENGTH,))
+        return upstream_refusal(self.status, self.body, headers, what)
+
 
 class Upstream:
     def __init__(self, config: Config, metrics: Metrics) -> None:
@@ -101,6 +107,8 @@ class Upstream:
         self._base = str(config.upstream.url)
         self._trusted = config.proxy.trusted_forwarders
         self._session: aiohttp.ClientSession | None = None
+        # The homeserver's CORS headers, learnt from its answers to the proxy's own calls.
+        self.homeserver_headers = HomeserverHeaders()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._config.upstream.max_connections, limit_per_host=0)
@@ -114,6 +122,14 @@ class Upstream:
             # Forward only what the client sent; add nothing of aiohttp's own.
             skip_auto_headers=(hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE),
         )
+
+    async def learn_headers(self) -> None:
+        """Ask the homeserver once, so that its CORS headers are known before the first
+        answer the proxy builds (an error while the homeserver is down, say)."""
+        try:
+            await self.call("GET", "/_matrix/client/versions", headers={}, read_timeout=10.0)
+        except MatrixError:
+            pass  # not up yet: learnt from the first answer that comes
 
     async def close(self) -> None:
         if self._session is not None:
@@ -343,6 +359,7 @@ class Upstream:
                 timeout=self.timeout(read_timeout),
             ) as response:
                 body = await response.read()
+                self.homeserver_headers.learn(response.headers)
                 return UpstreamReply(response.status, body, response.headers, response.reason)
 
     @asynccontextmanager

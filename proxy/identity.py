@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from .errors import bad_gateway, upstream_refusal
+from .errors import bad_gateway
 from .forward import Upstream
 from .metrics import Metrics
 
@@ -127,7 +127,7 @@ class Identity:
             params=credentials.params,
         )
         if reply.status != 200:
-            raise upstream_refusal(reply.status, reply.body, reply.content_type, "whoami")
+            raise reply.refusal("whoami")
         try:
             body = json.loads(reply.body)
             user_id = body["user_id"]

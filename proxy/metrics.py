@@ -6,52 +6,31 @@ Labels never carry user data: owned routes are labelled by name, everything else
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
+import asyncio
 from contextvars import ContextVar
-from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import Collector
+
+from .errors import StoreUnavailable
 
 # The owned route being served (labels upstream latency); "forward" for the rest.
 current_route: ContextVar[str] = ContextVar("current_route", default="forward")
 
 
-class _StoreCollector(Collector):
-    """Rows pending, read at scrape time through a read-only connection of its own
-    (WAL: it never waits on the proxy's writes)."""
+class StoreCounts(Protocol):
+    async def counts(self) -> tuple[int, int]: ...
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        rows = GaugeMetricFamily(
-            "msc3391_proxy_unsynced_deletes_rows",
-            "Rows in account_data_unsynced_deletes: (delete, device) pairs not yet seen",
-        )
-        tombstones = GaugeMetricFamily(
-            "msc3391_proxy_tombstones", "Deletes that some device has not seen yet"
-        )
-        try:
-            with sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, timeout=1) as db:
-                rows.add_metric(
-                    [], db.execute("SELECT COUNT(*) FROM account_data_unsynced_deletes").fetchone()[0]
-                )
-                tombstones.add_metric(
-                    [], db.execute("SELECT COUNT(*) FROM account_data_tombstones").fetchone()[0]
-                )
-        except sqlite3.Error:
-            return  # no store yet, or a fault the proxy already logs
-        yield rows
-        yield tombstones
+# A scrape waits this long for the store's counts, then reports it as down.
+_COUNTS_TIMEOUT = 2.0
 
 
 class Metrics:
     def __init__(self) -> None:
+        self._store: StoreCounts | None = None
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -89,9 +68,36 @@ class Metrics:
             "msc3391_proxy_devices_pending", "Devices with at least one delete to learn", registry=r
         )
 
-    def watch_store(self, path: Path) -> None:
-        self.registry.register(_StoreCollector(path))
+    def watch_store(self, store: StoreCounts) -> None:
+        """Report the store's rows and tombstones, read through its own connection at
+        scrape time. A failing store keeps its last counts and sets `store_up` to 0:
+        the gauges never vanish, so an alert on them keeps firing."""
+        self._store = store
+        self.store_rows = Gauge(
+            "msc3391_proxy_unsynced_deletes_rows",
+            "Rows in account_data_unsynced_deletes: (delete, device) pairs not yet seen",
+            registry=self.registry,
+        )
+        self.store_tombstones = Gauge(
+            "msc3391_proxy_tombstones", "Deletes that some device has not seen yet", registry=self.registry
+        )
+        self.store_up = Gauge(
+            "msc3391_proxy_store_up", "1 if the store answered this scrape, else 0", registry=self.registry
+        )
+
+    async def _read_store(self) -> None:
+        if self._store is None:
+            return
+        try:
+            rows, tombstones = await asyncio.wait_for(self._store.counts(), _COUNTS_TIMEOUT)
+        except (StoreUnavailable, TimeoutError):
+            self.store_up.set(0)  # the cause is logged by the store
+            return
+        self.store_rows.set(rows)
+        self.store_tombstones.set(tombstones)
+        self.store_up.set(1)
 
     async def handle(self, request: web.Request) -> web.Response:
+        await self._read_store()
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

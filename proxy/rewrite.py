@@ -23,8 +23,13 @@ from .store import PendingDelete
 # (room_id or None for global, type)
 Key = tuple[str | None, str]
 
-# Synapse writes compact JSON, but other homeservers may not: allow any whitespace.
-_MAYBE_DELETION = re.compile(rb'"content"\s*:\s*\{\s*\}')
+# The type of the to-device message the proxy sends a device from itself to move the
+# homeserver's sync token (see `sync._with_a_new_token`); no client ever sees one.
+NUDGE_TYPE = "org.matrix.msc3391.proxy_nudge"
+
+# Synapse writes compact JSON, but other homeservers may not: allow any whitespace. A
+# nudge to strip makes a body worth reading too.
+_MAYBE_DELETION = re.compile(rb'"content"\s*:\s*\{\s*\}|' + re.escape(NUDGE_TYPE.encode()))
 
 _ROOM_SECTIONS = ("join", "leave")
 
@@ -209,6 +214,7 @@ def rewrite_sync(
       injected where missing.
     - incremental: the homeserver's `{}` entries pass; pending ones are injected.
     """
+    body = strip_nudges(body)
     if not incremental:
         return SyncRewrite(strip_deletions(body), frozenset(p.stream_id for p in pending))
     out = body
@@ -220,6 +226,18 @@ def rewrite_sync(
     carried = deletions_in(out)
     delivered = frozenset(p.stream_id for p in pending if (p.room_id, p.account_data_type) in carried)
     return SyncRewrite(out, delivered, injected=len(carried - deletions_in(body)))
+
+
+def strip_nudges(body: dict[str, Any]) -> dict[str, Any]:
+    """Remove the proxy's own to-device nudges from `to_device.events`."""
+    to_device = body.get("to_device")
+    events = to_device.get("events") if isinstance(to_device, dict) else None
+    if not isinstance(events, list):
+        return body
+    kept = [e for e in events if not (isinstance(e, dict) and e.get("type") == NUDGE_TYPE)]
+    if len(kept) == len(events):
+        return body
+    return {**body, "to_device": {**to_device, "events": kept}}
 
 
 def strip_legacy_initial_sync(body: dict[str, Any]) -> dict[str, Any]:
@@ -256,4 +274,5 @@ __all__ = [
     "rooms_to_place",
     "strip_deletions",
     "strip_legacy_initial_sync",
+    "strip_nudges",
 ]

@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .app import CONTEXT, build_app
+from .app import CONTEXT, build_app, health
 from .config import Config
 from .metrics import Metrics
 from .routing import template
@@ -109,8 +109,9 @@ class ProxyServer:
             self.url = await _listen(self._runner, self.config.listen.host, self.config.listen.port)
             if self.config.metrics.enabled:
                 metrics_app = web.Application()
+                metrics_app[CONTEXT] = self.app[CONTEXT]
                 metrics_app.router.add_get("/metrics", self.metrics.handle)
-                metrics_app.router.add_get("/health", _ok)
+                metrics_app.router.add_get("/health", health)
                 self._metrics_runner = web.AppRunner(metrics_app, access_log=None)
                 await self._metrics_runner.setup()
                 self.metrics_url = await _listen(
@@ -147,7 +148,3 @@ async def _listen(runner: web.AppRunner, host: str, port: int) -> str:
     await site.start()
     bound_host, bound_port = runner.addresses[-1][:2]
     return f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
-
-
-async def _ok(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -138,12 +140,26 @@ class Tombstone:
 FAULT_LOG_INTERVAL = 60.0
 
 
+# The SQLite driver logs every statement with its parameters at DEBUG: user IDs and
+# account data types. The proxy's DEBUG log must not carry them.
+logging.getLogger("aiosqlite").setLevel(logging.INFO)
+
+# SQLite's words for a file whose pages are not a database (any more): after the file
+# is restored, a new connection reads it afresh, the old one would keep its bad pages.
+_CORRUPTION = ("malformed", "not a database")
+
+
 class Store:
     def __init__(self, path: Path, *, busy_timeout: float = 5.0) -> None:
         self.path = path
         self._busy_timeout_ms = int(busy_timeout * 1000)
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        # One process per store file (see `open`): held for the process's life.
+        self._process_lock: int | None = None
+        # (st_dev, st_ino) of the file the connection has open.
+        self._identity: tuple[int, int] | None = None
+        self._reopen = False
         # user_id -> devices that have at least one row (of any tombstone state).
         self._devices_with_rows: dict[str, set[str]] = {}
         # user_id -> stream_ids of deletes whose outcome is unknown (left 'pending' by an
@@ -151,21 +167,19 @@ class Store:
         self._orphaned_intents: dict[str, list[int]] = {}
         self._faults = 0
         self._fault_logged_at = 0.0
+        self._last_fault = ""
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, *, exclusive: bool = True) -> None:
+        """Open (and create or migrate) the store. `exclusive`: this process serves from
+        it, and no other may: a second proxy on the same file would miss the first one's
+        changes in its in-memory indexes. (`inspect` only reads, beside a running proxy.)"""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._db.execute("PRAGMA journal_mode = WAL")
-            # FULL: a delete acknowledged with 200 survives a power cut, not just a crash.
-            await self._db.execute("PRAGMA synchronous = FULL")
-            # A lock held elsewhere (a backup, the inspect command) is waited for this
-            # long; then the operation fails with StoreUnavailable.
-            await self._db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-            await self._migrate()
-            await self._load_indexes()
+            if exclusive:
+                self._take_process_lock()
+            await self._connect()
         except (sqlite3.Error, OSError) as e:
             await self.close()
             raise StoreError(f"cannot open the store {self.path}: {e}") from None
@@ -173,10 +187,39 @@ class Store:
             await self.close()
             raise
 
+    def _take_process_lock(self) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"the store {self.path} is in use by another msc3391-proxy process"
+                " (one process per SQLite store; several instances need a PostgreSQL store)"
+            ) from None
+        self._process_lock = fd
+
+    async def _connect(self) -> None:
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        stat = os.stat(self.path)
+        self._identity = (stat.st_dev, stat.st_ino)
+        await self._db.execute("PRAGMA journal_mode = WAL")
+        # FULL: a delete acknowledged with 200 survives a power cut, not just a crash.
+        await self._db.execute("PRAGMA synchronous = FULL")
+        # A lock held elsewhere (a backup, the inspect command) is waited for this
+        # long; then the operation fails with StoreUnavailable.
+        await self._db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        await self._migrate()
+        await self._load_indexes()
+
     async def close(self) -> None:
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._process_lock is not None:
+            os.close(self._process_lock)
+            self._process_lock = None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -206,16 +249,59 @@ class Store:
         """Exclusive use of the connection; database errors become `StoreUnavailable`."""
         async with self._lock:
             try:
+                await self._check_file()
                 yield
             except sqlite3.Error as e:
-                self._fault(e)
+                if isinstance(e, sqlite3.DatabaseError) and any(w in str(e) for w in _CORRUPTION):
+                    self._reopen = True
+                self._fault(str(e))
                 raise StoreUnavailable(e) from None
+            except StoreUnavailable as e:
+                self._fault(e.cause)
+                raise
             if self._faults:
                 log.warning("store recovered after %d failed operation(s)", self._faults)
                 self._faults = 0
 
-    def _fault(self, error: sqlite3.Error) -> None:
+    async def _check_file(self) -> None:
+        """The connection must still be on the file at `path`: writes to a file deleted
+        under the running proxy would answer 200 and be gone after a restart. A file
+        put in its place (a restored backup) is opened afresh, as is a file that read
+        as corrupt."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            raise StoreUnavailable(f"the store file {self.path} was removed") from None
+        if not os.access(self.path, os.R_OK | os.W_OK):
+            raise StoreUnavailable(f"the store file {self.path} is not writable")
+        replaced = (stat.st_dev, stat.st_ino) != self._identity
+        if self._reopen or replaced:
+            log.warning("store %s: reopening the file", self.path)
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    if replaced:
+                        # The `-wal` file beside the path is still the old file's: empty it
+                        # into the old file first, or SQLite would replay it into the new one.
+                        await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    await self._db.close()
+                self._db = None
+            self._reopen = True  # until a connection is open again
+            try:
+                await self._connect()
+            except StoreError as e:
+                raise StoreUnavailable(str(e)) from None
+            self._reopen = False
+
+    def problem(self) -> str | None:
+        """Why the store cannot be used now, or None (for /health): the last operation
+        failed, or the file is gone."""
+        if not self.path.exists():
+            return f"the store file {self.path} was removed"
+        return self._last_fault if self._faults else None
+
+    def _fault(self, error: str) -> None:
         self._faults += 1
+        self._last_fault = error
         now = time.monotonic()
         if self._faults == 1 or now - self._fault_logged_at >= FAULT_LOG_INTERVAL:
             log.error("store %s failing: %s (%d failed operation(s) so far)", self.path, error, self._faults)
@@ -503,6 +589,17 @@ class Store:
             (user_id, device_id, room_id, account_data_type),
         )
 
+    async def acknowledge_stream_ids(self, user_id: str, device_id: str, stream_ids: Sequence[int]) -> int:
+        """These deletes need not reach the device any more (they cannot)."""
+        if not stream_ids or not self.has_pending(user_id, device_id):
+            return 0
+        marks = ", ".join("?" * len(stream_ids))
+        return await self._acknowledge(
+            user_id,
+            f"user_id = ? AND device_id = ? AND stream_id IN ({marks})",
+            (user_id, device_id, *stream_ids),
+        )
+
     async def _acknowledge(self, user_id: str, where: str, args: Sequence[object]) -> int:
         async with self._locked():
             async with self._transaction():
@@ -551,7 +648,20 @@ class Store:
                 )
             await self._refresh_user(user_id)
 
-    # --- inspection (tests, the inspect command) ---------------------------------------
+    # --- inspection (tests, the inspect command, metrics) -------------------------------
+
+    async def counts(self) -> tuple[int, int]:
+        """(rows in account_data_unsynced_deletes, tombstones)."""
+        async with (
+            self._locked(),
+            self.db.execute(
+                "SELECT (SELECT COUNT(*) FROM account_data_unsynced_deletes),"
+                " (SELECT COUNT(*) FROM account_data_tombstones)"
+            ) as cur,
+        ):
+            row = await cur.fetchone()
+        assert row is not None
+        return row[0], row[1]
 
     async def unsynced_rows(self, user_id: str | None = None) -> list[UnsyncedRow]:
         sql = (

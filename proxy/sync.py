@@ -13,6 +13,7 @@ import asyncio
 import gc
 import json
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -26,9 +27,17 @@ from .account_data import caller, device_ids
 from .context import Context
 from .errors import MatrixError, RelayedResponse, StoreUnavailable, bad_gateway
 from .filters import NO_FILTER, SyncFilter
-from .forward import accept_encoding_we_can_read, body_response, can_decode, decode_body
+from .forward import UpstreamReply, accept_encoding_we_can_read, body_response, can_decode, decode_body
 from .identity import Requester
-from .rewrite import SyncRewrite, may_hold_deletions, rewrite_sync, rooms_to_place, strip_legacy_initial_sync
+from .rewrite import (
+    NUDGE_TYPE,
+    SyncRewrite,
+    may_hold_deletions,
+    rewrite_sync,
+    rooms_to_place,
+    strip_legacy_initial_sync,
+)
+from .routing import split_raw_path
 from .store import PendingDelete
 
 log = logging.getLogger(__name__)
@@ -152,13 +161,18 @@ async def _rewrite(
     pending: list[PendingDelete],
     since: str | None,
     full_state: bool,
+    *,
+    nudged: bool = False,
 ) -> web.StreamResponse:
     """Parse, rewrite, record and answer; every reference to the parsed tree is gone
-    when this returns (see `_gc_paused`)."""
+    when this returns (see `_gc_paused`). `upstream`: the homeserver's answer (its
+    status, reason and headers); `nudged`: this is the answer to `_with_a_new_token`."""
     device_id = requester.device_id
     incremental = bool(since)
     body = await _off_loop(len(plain), lambda: _parse(plain))
     sync_filter, joined = await _injection_context(ctx, request, requester, body, pending, incremental)
+    if joined is not None:
+        pending = await _forget_unreachable(ctx, requester, body, pending, joined)
 
     work = partial(
         _rewrite_and_dump,
@@ -167,7 +181,7 @@ async def _rewrite(
         full_state=full_state,
         pending=pending,
         sync_filter=sync_filter,
-        joined_rooms=joined,
+        joined_rooms=joined or frozenset(),
     )
     out, result = await _off_loop(len(plain), work)
     del work
@@ -177,10 +191,29 @@ async def _rewrite(
         ctx.metrics.stripped.inc()
     next_batch = body.get("next_batch")
     del body, result
-    # Recorded before the response leaves: if it arrives, the proof can be checked. Not
-    # when the homeserver handed back the request's own `since` (nothing changed): the
-    # next request would send that token again whether this response arrived or was
-    # lost, so it could prove nothing. The rows stay until a response with a new token.
+    if delivered and device_id is not None and next_batch == since and not nudged:
+        # The homeserver handed back the request's own `since` (nothing changed on its
+        # side): the next request will send that token again whether this answer
+        # arrives or is lost, so it could prove nothing, and a delivery recorded
+        # against it would be acknowledged by a retry. Make the token move instead.
+        again = await _with_a_new_token(ctx, request, requester)
+        if again is not None:
+            again_plain = decode_body(again.body, again.headers.get("Content-Encoding"))
+            return await _rewrite(
+                ctx,
+                request,
+                requester,
+                again,
+                again.body,
+                again_plain,
+                pending,
+                since,
+                full_state,
+                nudged=True,
+            )
+    # Recorded before the response leaves: if it arrives, the proof can be checked. (If
+    # the token still did not move, nothing is recorded: the rows stay, and the next
+    # answer tells the device again.)
     if delivered and device_id is not None and isinstance(next_batch, str) and next_batch != since:
         await _best_effort(
             ctx.store.record_delivery(requester.user_id, device_id, next_batch, delivered), None
@@ -188,6 +221,30 @@ async def _rewrite(
     if out is None:
         return body_response(upstream, raw, decoded=False)
     return body_response(upstream, out, decoded=True)
+
+
+async def _with_a_new_token(ctx: Context, request: web.Request, requester: Requester) -> UpstreamReply | None:
+    """The same sync once more, after something changed for this device alone: a
+    to-device message from the device to itself (a type of the proxy's own, stripped
+    from every answer it reads) moves the homeserver's token, so the answer that
+    carries the deletions can be proved received. None if the homeserver refused."""
+    assert requester.device_id is not None
+    headers = ctx.identity.headers_for(request, requester.credentials)
+    params = requester.credentials.params
+    nudge = await ctx.upstream.call(
+        "PUT",
+        f"/_matrix/client/v3/sendToDevice/{NUDGE_TYPE}/{secrets.token_hex(16)}",
+        headers=headers,
+        params=params,
+        json_body={"messages": {requester.user_id: {requester.device_id: {}}}},
+    )
+    if nudge.status != 200:
+        return None
+    # The client's own request, without the wait: the homeserver has news for it now.
+    path, _ = split_raw_path(request.raw_path)
+    query = [(k, "0" if k == "timeout" else v) for k, v in request.query.items()]
+    again = await ctx.upstream.call("GET", path, headers=headers, params=query)
+    return again if again.status == 200 else None
 
 
 def _rewrite_and_dump(body: dict[str, Any], **rules: Any) -> tuple[bytes | None, SyncRewrite]:
@@ -228,18 +285,44 @@ async def _injection_context(
     body: dict[str, Any],
     pending: list[PendingDelete],
     incremental: bool,
-) -> tuple[SyncFilter, frozenset[str]]:
-    """The filter and joined rooms an injection needs; fetched only when it does."""
+) -> tuple[SyncFilter, frozenset[str] | None]:
+    """The filter and joined rooms an injection needs; fetched only when it does
+    (joined rooms: None when not fetched, or when the homeserver could not say)."""
     if not incremental or not pending:
-        return NO_FILTER, frozenset()
+        return NO_FILTER, None
     sync_filter = await ctx.filters.get(request, requester, request.query.get("filter"))
-    joined: frozenset[str] = frozenset()
+    joined = None
     if rooms_to_place(body, pending):
         joined = await _joined_rooms(ctx, request, requester)
     return sync_filter, joined
 
 
-async def _joined_rooms(ctx: Context, request: web.Request, requester: Requester) -> frozenset[str]:
+async def _forget_unreachable(
+    ctx: Context,
+    requester: Requester,
+    body: dict[str, Any],
+    pending: list[PendingDelete],
+    joined: frozenset[str],
+) -> list[PendingDelete]:
+    """Room account data travels only in rooms the user is in: a delete in a room the
+    user has left, and that this body does not carry, can never reach the device. Its
+    row goes now rather than waiting for ever (a rejoin brings the room's account data
+    afresh, as the homeserver holds it)."""
+    placeable = rooms_to_place(body, pending)
+    unreachable = [p for p in pending if p.settled and p.room_id in placeable and p.room_id not in joined]
+    if not unreachable or requester.device_id is None:
+        return pending
+    gone = await _best_effort(
+        ctx.store.acknowledge_stream_ids(
+            requester.user_id, requester.device_id, [p.stream_id for p in unreachable]
+        ),
+        0,
+    )
+    ctx.metrics.acknowledgements.labels("left_room").inc(gone)
+    return [p for p in pending if p not in unreachable]
+
+
+async def _joined_rooms(ctx: Context, request: web.Request, requester: Requester) -> frozenset[str] | None:
     reply = await ctx.upstream.call(
         "GET",
         "/_matrix/client/v3/joined_rooms",
@@ -247,12 +330,12 @@ async def _joined_rooms(ctx: Context, request: web.Request, requester: Requester
         params=requester.credentials.params,
     )
     if reply.status != 200:
-        return frozenset()  # place nothing new; the rows stay for the next sync
+        return None  # place nothing new; the rows stay for the next sync
     try:
         rooms = json.loads(reply.body)["joined_rooms"]
         return frozenset(r for r in rooms if isinstance(r, str))
     except (ValueError, KeyError, TypeError):
-        return frozenset()
+        return None
 
 
 async def legacy_initial_sync(

@@ -19,8 +19,9 @@ Endpoints:
 - `PUT|GET .../user/{u}/[rooms/{r}/]account_data/{type}`; with `msc3391_enabled`
   also the unstable `DELETE` endpoints, `PUT {}` deletes and `GET` of `{}` is 404
 - `GET .../sync` (`since` = "s<stream>", `timeout` long-poll, `filter` inline or ID,
-  `full_state`), `GET|POST .../user/{u}/filter[/{id}]`, `GET .../joined_rooms`,
-  `GET /_matrix/client/versions`
+  `full_state`; to-device messages sent to the device since `since` in `to_device`),
+  `GET|POST .../user/{u}/filter[/{id}]`, `GET .../joined_rooms`,
+  `PUT .../sendToDevice/{type}/{txn}`, `GET /_matrix/client/versions`
 - test endpoints under `/_fake/`: `echo/...` (any method: answers what arrived;
   `?h=Name:Value` adds response headers, `?status=N` sets the status),
   `download?size=N[&chunked=1]`, `upload` (hashes the body as it streams),
@@ -258,6 +259,8 @@ class FakeHomeserver:
         self.changes: list[Change] = []
         self.joined_rooms: dict[str, set[str]] = {}
         self.filters: dict[str, list[JsonDict]] = {}
+        # (stream position, user, device, event) of every to-device message sent.
+        self.to_device: list[tuple[int, str, str, JsonDict]] = []
 
         # --- what happened ---
         self.requests: list[RecordedRequest] = []
@@ -461,6 +464,11 @@ class FakeHomeserver:
             (_client(_USER + r"/filter/(?P<filter_id>[^/]*)$"), {"GET": self._get_filter}, False),
             (_client(_USER + r"/filter$"), {"POST": self._post_filter}, False),
             (_client(r"/joined_rooms$", v1=True), {"GET": self._joined_rooms}, False),
+            (
+                _client(r"/sendToDevice/(?P<event_type>[^/]*)/(?P<txn_id>[^/]*)$"),
+                {"PUT": self._send_to_device},
+                False,
+            ),
             (re.compile(r"^/_fake/echo(?:/|$)"), {"*": self._echo}, False),
             (re.compile(r"^/_fake/download$"), {"GET": self._download}, False),
             (re.compile(r"^/_fake/upload$"), {"POST": self._upload, "PUT": self._upload}, False),
@@ -835,6 +843,23 @@ class FakeHomeserver:
         user_id, _ = self._auth(request)
         return self._json(request, {"joined_rooms": sorted(self.joined_rooms.get(user_id, set()))})
 
+    async def _send_to_device(
+        self, request: web.BaseRequest, record: RecordedRequest, event_type: str, txn_id: str
+    ) -> web.StreamResponse:
+        sender, _ = self._auth(request)
+        body = await self._json_body(request, record)
+        for user_id, by_device in (body.get("messages") or {}).items():
+            for device_id, content in by_device.items():
+                self.stream_id += 1
+                event = {"type": event_type, "sender": sender, "content": content}
+                self.to_device.append((self.stream_id, user_id, device_id, event))
+        self._wake.set()
+        self._wake = asyncio.Event()
+        return self._json(request, {})
+
+    def _to_device_since(self, user_id: str, device_id: str | None, since: int) -> list[JsonDict]:
+        return [e for s, u, d, e in self.to_device if s > since and u == user_id and d == device_id]
+
     # ------------------------------------------------------------------ /sync
 
     def _changed_since(self, user_id: str, since: int) -> list[Change]:
@@ -846,7 +871,7 @@ class FakeHomeserver:
         ]
 
     async def _sync(self, request: web.BaseRequest, record: RecordedRequest) -> web.StreamResponse:
-        user_id, _ = self._auth(request)
+        user_id, device_id = self._auth(request)
         query = request.query
         since_token = query.get("since")
         since: int | None = None
@@ -865,11 +890,18 @@ class FakeHomeserver:
                 raise MatrixError(400, "M_INVALID_PARAM", "timeout must be an integer") from None
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
-            while not self._changed_since(user_id, since) and (remaining := deadline - loop.time()) > 0:
+            while (
+                not self._changed_since(user_id, since)
+                and not self._to_device_since(user_id, device_id, since)
+                and (remaining := deadline - loop.time()) > 0
+            ):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), remaining)
 
         body = self._sync_body(user_id, since, everything, sync_filter)
+        to_device = self._to_device_since(user_id, device_id, since or 0)
+        if to_device:
+            body["to_device"] = {"events": to_device}
         if self.sync_hook is not None:
             body = self.sync_hook(body, record)
         return self._json(request, body)

@@ -7,8 +7,10 @@ what the tests see is what is on disk, not what a live `Store` object remembers.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,3 +109,14 @@ def assert_consistent(path: Path, is_live: IsLive) -> Snapshot:
     problems = consistency_problems(state, is_live)
     assert not problems, "\n".join(problems)
     return state
+
+
+async def wait_for_store(path: Path, done: Callable[[Snapshot], bool], within: float = 10.0) -> Snapshot:
+    """Poll the store on disk until `done(snapshot)`, for work the proxy finishes after
+    it has answered (a write retried in the background); the last snapshot either way."""
+    deadline = time.monotonic() + within
+    while True:
+        state = snapshot(path)
+        if done(state) or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.05)

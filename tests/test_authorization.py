@@ -468,3 +468,23 @@ async def test_no_access_token_reaches_the_log_of_the_proxy_process(
     assert "DEBUG" in log
     for secret in SECRETS:
         assert secret not in log
+
+
+async def test_the_store_layer_logs_no_user_id_nor_type_at_debug(
+    start_proxy: StartProxy,
+    hs: FakeHomeserver,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At DEBUG the SQLite driver would log every statement with its parameters: the
+    user IDs and account data types the store holds."""
+    caplog.set_level(logging.DEBUG)
+    proxy = await start_proxy(hs.url)
+
+    await varied_run(http, proxy, hs)
+
+    store_layer = [r for r in caplog.records if r.name.startswith(("aiosqlite", "proxy.store"))]
+    for record in store_layer:
+        text = record.getMessage() + repr(record.args)
+        assert ALICE not in text and quote(ALICE) not in text, text
+        assert KIND not in text, text

@@ -690,3 +690,44 @@ async def test_odd_but_valid_input_is_stored_by_synapse_as_expected(side: Synaps
 
         assert (response.status, response.json()) == (status, {}), what
         assert await synapse_holds(side, kind, room) == content, what
+
+
+@pytest.mark.synapse
+async def test_head_of_a_deleted_type_is_404_as_synapse_answers_it(side: SynapseSide) -> None:
+    """Synapse serves HEAD with its GET servlet: a deleted type is 404 for both."""
+    await seed(side)
+    answers = []
+    for url, token in ((side.reference.url, side.reference_token), (side.proxy.url, side.token)):
+        headers = [("Authorization", f"Bearer {token}")]
+        path = f"{V3}/user/{quote(side.user_id, safe='')}/account_data/{KIND}"
+        assert (await raw_request(url, "HEAD", path, headers)).status == 200
+        delete = f"{MSC3391}/user/{quote(side.user_id, safe='')}/account_data/{KIND}"
+        assert (await raw_request(url, "DELETE", delete, headers)).status == 200
+        head = await raw_request(url, "HEAD", path, headers)
+        get = await raw_request(url, "GET", path, headers)
+        answers.append((head.status, head.body, get.status))
+    reference, proxied = answers
+    assert reference == (404, b"", 404)
+    assert proxied == reference
+
+
+@pytest.mark.synapse
+async def test_a_very_long_type_is_set_read_and_deleted_alike(side: SynapseSide) -> None:
+    """A type of 5,400 `:` fits Synapse's 16 KiB request line as the client sends it;
+    the proxy's own write of the delete must not grow it past that (`%3A` is three
+    characters): what can be set and read can be deleted."""
+    kind = ":" * 5400
+    headers = [("Authorization", f"Bearer {side.token}")]
+    path = f"{V3}/user/{side.user_id}/account_data/{kind}"
+
+    assert (await raw_request(side.proxy.url, "PUT", path, headers, b'{"long": true}')).status == 200
+    got = await raw_request(side.proxy.url, "GET", path, headers)
+    assert (got.status, got.json()) == (200, {"long": True})
+    delete = f"{MSC3391}/user/{side.user_id}/account_data/{kind}"
+    deleted = await raw_request(side.proxy.url, "DELETE", delete, headers)
+    assert (deleted.status, deleted.json()) == (200, {})
+
+    assert (await raw_request(side.proxy.url, "GET", path, headers)).status == 404
+    assert await synapse_holds(side, kind, None) == {}
+    rows = snapshot(side.proxy.config.store.path).rows_of(side.user_id)
+    assert [(room, k) for room, k, _ in rows] == [(None, kind)]  # the second device's row

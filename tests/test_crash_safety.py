@@ -33,10 +33,11 @@ from urllib.parse import quote, urlencode
 import aiohttp
 import pytest
 
+from proxy.app import CONTEXT
 from proxy.server import ProxyServer
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver
-from tests.store_check import assert_consistent, snapshot
+from tests.store_check import assert_consistent, snapshot, wait_for_store
 from tests.synapse_rig import ProxyProcess
 
 ALICE = "@alice:localhost"
@@ -110,6 +111,14 @@ async def assert_deleted_everywhere(
     for device, start in ((SECOND, since), (THIRD, hs.next_batch)):
         first = await sync(http, base, device, start)
         assert carried(first) == [{"type": KIND, "content": {}}], device
+        if first["next_batch"] == start:
+            # Nothing changed on the homeserver, which handed the same token back: a
+            # request with it again proves nothing (a retry looks the same), so the
+            # device is told again once the token moves, and that answer is proved.
+            hs.set_account_data(ALICE, f"{OTHER_KIND}.{device}", {"moved": True})
+            first = await sync(http, base, device, start)
+            assert first["next_batch"] != start
+            assert carried(first) == [{"type": KIND, "content": {}}], device
         second = await sync(http, base, device, first["next_batch"])  # the proof of receipt
         assert carried(second) == [], device
     assert snapshot(store).empty
@@ -445,4 +454,92 @@ async def test_an_intent_settled_by_many_requests_at_once_is_committed_once(
     state = assert_consistent(store, is_live(hs))
     assert state.tombstones_of(ALICE) == {(None, KIND, "done")}
     assert state.rows_of(ALICE) == {(None, KIND, SECOND), (None, KIND, THIRD)}
+    await assert_deleted_everywhere(http, proxy.url, hs, store, since)
+
+
+# --- a revive (a PUT of content to a deleted type) ------------------------------------------
+
+
+async def put(http: aiohttp.ClientSession, base: str, content: Any, device: str = DELETER) -> int:
+    headers = {"Authorization": f"Bearer {TOKENS[device]}"}
+    async with http.put(base + DATA, headers=headers, data=json.dumps(content).encode()) as response:
+        await response.read()
+        return response.status
+
+
+async def test_a_revive_whose_client_hangs_up_still_completes(
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    """The client of a PUT of content to a deleted type goes away while the homeserver
+    writes it. The homeserver holds the content: the tombstone and rows must go too,
+    or other devices would be told `{}` for a type that is live."""
+    proxy = await start_proxy(hs.url)
+    store = proxy.config.store.path
+    status, _, _ = await call(http, proxy.url, "DELETE", DELETE)
+    assert status == 200
+    gate = asyncio.Event()
+    hs.fault(ACCOUNT_DATA, method="PUT", gate=gate, times=1)
+    writing = asyncio.ensure_future(put(http, proxy.url, {"v": 2}))
+    await asyncio.wait_for(hs.wait_for_requests(ACCOUNT_DATA, 2, method="PUT"), 10)
+    writing.cancel()  # the client hangs up while the write is at the homeserver
+    with contextlib.suppress(asyncio.CancelledError):
+        await writing
+    gate.set()
+
+    state = await wait_for_store(store, lambda s: s.empty)
+    assert state.empty, state
+    assert hs.account_data(ALICE, KIND) == {"v": 2}
+    # THIRD syncs from after the write: nothing may tell it the live type is deleted.
+    assert carried(await sync(http, proxy.url, THIRD, hs.next_batch)) == []
+
+
+async def test_a_revive_the_store_cannot_take_is_answered_200_and_retried(
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    """The homeserver accepted the content, then the store refused the revive (read-only,
+    or busy past `busy_timeout`): the client is told what the homeserver said (200, not
+    a 500 for a write that happened), no device is told the type is deleted meanwhile,
+    and the revive is made once the store takes writes again, without a restart."""
+    proxy = await start_proxy(hs.url)
+    store = proxy.config.store.path
+    status, _, _ = await call(http, proxy.url, "DELETE", DELETE)
+    assert status == 200
+    db = proxy.app[CONTEXT].store.db
+    await db.execute("PRAGMA query_only = 1")  # every write fails, reads still work
+
+    assert await put(http, proxy.url, {"v": 2}) == 200
+    assert hs.account_data(ALICE, KIND) == {"v": 2}
+    assert carried(await sync(http, proxy.url, THIRD, hs.next_batch)) == []
+    assert snapshot(store).tombstones_of(ALICE) == {(None, KIND, "done")}  # not yet revived
+
+    await db.execute("PRAGMA query_only = 0")
+    state = await wait_for_store(store, lambda s: s.empty)
+    assert state.empty, state
+    assert carried(await sync(http, proxy.url, THIRD, hs.next_batch)) == []
+
+
+async def test_a_delete_whose_commit_the_store_refuses_is_answered_200_and_committed_later(
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    """The store takes the intent, the homeserver the write, and then the store refuses
+    the commit (a full disk): the delete happened, so the client gets 200, and the
+    commit is made once the store takes writes again, without a restart."""
+    proxy = await start_proxy(hs.url)
+    store = proxy.config.store.path
+    since = hs.next_batch
+    gate = asyncio.Event()
+    hs.fault(ACCOUNT_DATA, method="PUT", gate=gate, times=1)
+    deleting = asyncio.ensure_future(call(http, proxy.url, "DELETE", DELETE))
+    await asyncio.wait_for(hs.wait_for_requests(ACCOUNT_DATA, method="PUT"), 10)
+    db = proxy.app[CONTEXT].store.db
+    await db.execute("PRAGMA query_only = 1")
+    gate.set()
+
+    status, body, _ = await asyncio.wait_for(deleting, 10)
+    assert (status, body) == (200, b"{}")
+    assert {(t[3], t[4]) for t in snapshot(store).tombstones} == {(KIND, "pending")}
+
+    await db.execute("PRAGMA query_only = 0")
+    state = await wait_for_store(store, lambda s: {t[4] for t in s.tombstones} == {"done"})
+    assert state.tombstones_of(ALICE) == {(None, KIND, "done")}
     await assert_deleted_everywhere(http, proxy.url, hs, store, since)

@@ -29,6 +29,8 @@ from urllib.parse import quote, urlencode
 import aiohttp
 import pytest
 
+from proxy.rewrite import NUDGE_TYPE
+from proxy.server import ProxyServer
 from proxy.store import Store
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver
@@ -99,13 +101,11 @@ async def test_a_delivery_of_a_delete_revived_meanwhile_leaves_no_record(tmp_pat
         await store.close()
 
 
-async def test_a_retry_with_an_unchanged_token_is_no_proof_of_receipt(
+async def delete_and_start_after(
     start_proxy: StartProxy, fake_hs: FakeHomeserver, http: aiohttp.ClientSession
-) -> None:
-    """When nothing changed, the homeserver answers with the `since` it was given (Synapse
-    does). A response that carried an injected deletion with `next_batch == since` can
-    be lost like any other; its retry sends the same `since` again, and must not count
-    as proof that the deletion arrived."""
+) -> tuple[ProxyServer, str]:
+    """A1 deletes KIND; A2's next sync starts after the delete (the homeserver will not
+    send it, only A2's row can tell it) and nothing else changes on the homeserver."""
     for device, token in TOKENS.items():
         fake_hs.add_device(ALICE, device, token=token)
     fake_hs.set_account_data(ALICE, KIND, {"v": 1})
@@ -113,8 +113,23 @@ async def test_a_retry_with_an_unchanged_token_is_no_proof_of_receipt(
     path = f"/_matrix/client/unstable/org.matrix.msc3391/user/{quote(ALICE)}/account_data/{KIND}"
     async with http.delete(proxy.url + path, headers={"Authorization": f"Bearer {TOKENS['A1']}"}) as response:
         assert response.status == 200
-    # A2 starts after the delete (the homeserver will not send it): only the row can tell.
-    after = fake_hs.next_batch
+    return proxy, fake_hs.next_batch
+
+
+def nudges(body: dict[str, Any]) -> list[Any]:
+    return [e for e in body.get("to_device", {}).get("events", []) if e.get("type") == NUDGE_TYPE]
+
+
+async def test_a_retry_with_an_unchanged_token_is_no_proof_of_receipt(
+    start_proxy: StartProxy, fake_hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    """When nothing changed, the homeserver answers with the `since` it was given (Synapse
+    does). A response that carried an injected deletion with `next_batch == since` can
+    be lost like any other; its retry sends the same `since` again, and must not count
+    as proof that the deletion arrived. (Here the homeserver refuses the proxy's nudge
+    that would move the token, see the next test.)"""
+    proxy, after = await delete_and_start_after(start_proxy, fake_hs, http)
+    fake_hs.fault(r"/sendToDevice/", status=500, json={"errcode": "M_UNKNOWN", "error": "no"})
 
     lost = await sync(http, proxy.url, "A2", after)
     assert lost["next_batch"] == after
@@ -128,4 +143,53 @@ async def test_a_retry_with_an_unchanged_token_is_no_proof_of_receipt(
     moved = await sync(http, proxy.url, "A2", after)
     assert moved["next_batch"] != after and carried(moved) == [{"type": KIND, "content": {}}]
     await sync(http, proxy.url, "A2", moved["next_batch"])
+    assert snapshot(proxy.config.store.path).empty
+
+
+async def test_an_unchanged_token_is_moved_so_the_deletion_is_told_once(
+    start_proxy: StartProxy, fake_hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    """The proxy moves the token itself, with a to-device message from the device to
+    itself that no client sees: the answer carrying the deletion has a token of its
+    own, its loss is told apart from its arrival, and the device is told exactly once."""
+    proxy, after = await delete_and_start_after(start_proxy, fake_hs, http)
+
+    lost = await sync(http, proxy.url, "A2", after)
+    assert lost["next_batch"] != after
+    assert carried(lost) == [{"type": KIND, "content": {}}] and nudges(lost) == []
+    retried = await sync(http, proxy.url, "A2", after)  # lost: the same request again
+    assert carried(retried) == [{"type": KIND, "content": {}}] and nudges(retried) == []
+    assert snapshot(proxy.config.store.path).rows_of(ALICE) == {(None, KIND, "A2")}
+    arrived = await sync(http, proxy.url, "A2", retried["next_batch"])
+
+    assert carried(arrived) == [] and nudges(arrived) == []
+    assert snapshot(proxy.config.store.path).empty
+    # One nudge: the retry's answer carries it again, and with it the moved token.
+    assert [r.raw_path.split("/")[-2] for r in fake_hs.requests_to(r"/sendToDevice/")] == [NUDGE_TYPE]
+
+
+async def test_a_room_delete_in_a_room_the_user_has_left_does_not_wait_for_ever(
+    start_proxy: StartProxy, fake_hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    """Room account data travels only in rooms the user is in, so a row for a room the
+    user has since left can never be delivered. It goes when a sync of that device finds
+    the user no longer in the room, instead of waiting for ever."""
+    for device, token in TOKENS.items():
+        fake_hs.add_device(ALICE, device, token=token)
+    room = "!left:localhost"
+    fake_hs.join(ALICE, room)
+    fake_hs.set_account_data(ALICE, KIND, {"v": 1}, room_id=room)
+    proxy = await start_proxy(fake_hs.url)
+    path = (
+        f"/_matrix/client/unstable/org.matrix.msc3391/user/{quote(ALICE)}"
+        f"/rooms/{quote(room)}/account_data/{KIND}"
+    )
+    async with http.delete(proxy.url + path, headers={"Authorization": f"Bearer {TOKENS['A1']}"}) as response:
+        assert response.status == 200
+    assert snapshot(proxy.config.store.path).rows_of(ALICE) == {(room, KIND, "A2")}
+    fake_hs.leave(ALICE, room)
+
+    body = await sync(http, proxy.url, "A2", fake_hs.next_batch)
+
+    assert room not in body.get("rooms", {}).get("join", {})
     assert snapshot(proxy.config.store.path).empty

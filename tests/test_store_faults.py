@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from proxy.server import ProxyServer
 from proxy.store import SCHEMA_VERSION, Store
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver
-from tests.store_check import snapshot
+from tests.store_check import snapshot, wait_for_store
 from tests.synapse_rig import REPO_ROOT
 
 ALICE, BOB = "@alice:localhost", "@bob:localhost"
@@ -361,3 +362,134 @@ def test_a_file_that_is_not_a_database_is_refused_at_start_with_one_line(tmp_pat
     assert result.stderr.splitlines() == [
         f"msc3391-proxy: store error: cannot open the store {store}: file is not a database"
     ]
+
+
+# --- the file itself gone, replaced or restored ------------------------------------------------
+
+
+def copy_store(store: Path, to: Path) -> None:
+    """A consistent copy of the store, as `sqlite3 STORE ".backup TO"` makes one."""
+    source = sqlite3.connect(store)
+    target = sqlite3.connect(to)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+
+
+async def test_a_store_file_removed_under_the_proxy_refuses_deletes_and_says_so(
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writes to a file deleted under the running proxy would go to an unlinked inode:
+    answered 200, gone after a restart. Deletes are refused instead, `/health` and the
+    log say why, and the store's gauges stay in `/metrics` (reporting it down)."""
+    caplog.set_level(logging.DEBUG)
+    proxy = await start_proxy(hs.url, metrics={"enabled": True, "port": 0})
+    await delete_with_a_row_for_alice2(http, proxy, f"{KIND}.0")
+    async with http.get(proxy.metrics_url + "/metrics") as response:
+        text = await response.text()
+    assert "msc3391_proxy_store_up 1.0" in text and "msc3391_proxy_unsynced_deletes_rows 1.0" in text
+    store = proxy.config.store.path
+    for leftover in (store, store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    puts = len(hs.requests_to(r"/account_data/", method="PUT"))
+
+    gone = unavailable(f"the store file {store} was removed")
+    assert await call(http, proxy, "DELETE", data_path(ALICE, f"{KIND}.1", MSC3391), "ALICE1") == (500, gone)
+    assert await call(http, proxy, "PUT", data_path(ALICE, f"{KIND}.1"), "ALICE1", {}) == (500, gone)
+    assert len(hs.requests_to(r"/account_data/", method="PUT")) == puts
+    assert hs.account_data(ALICE, f"{KIND}.1") == {"n": 1}
+    async with http.get(proxy.url + "/health") as response:
+        assert response.status == 503
+        assert await response.json() == {"status": "unavailable", "store": gone["error"].split(": ", 1)[1]}
+    async with http.get(proxy.metrics_url + "/metrics") as response:
+        text = await response.text()
+    assert "msc3391_proxy_store_up 0.0" in text
+    assert "msc3391_proxy_unsynced_deletes_rows 1.0" in text  # the last count, not a vanished gauge
+    assert any(f"the store file {store} was removed" in r.getMessage() for r in store_errors(caplog))
+    assert_no_traceback(caplog)
+
+
+async def test_a_corrupted_store_restored_from_a_backup_works_again_without_a_restart(
+    proxy: ProxyServer, hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    await delete_with_a_row_for_alice2(http, proxy, f"{KIND}.0")
+    store = proxy.config.store.path
+    backup = store.with_name("backup.sqlite3")
+    copy_store(store, backup)
+    source = sqlite3.connect(store)
+    try:
+        source.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = source.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        source.close()
+    size = store.stat().st_size
+    with store.open("r+b") as f:
+        f.seek(page_size)
+        f.write(os.urandom(size - page_size))
+    delete = data_path(ALICE, f"{KIND}.1", MSC3391)
+    assert (await call(http, proxy, "DELETE", delete, "ALICE1"))[0] == 500
+
+    shutil.copyfile(backup, store)  # the operator restores the file in place
+
+    assert await call(http, proxy, "DELETE", delete, "ALICE1") == (200, {})
+    state = snapshot(store)
+    assert state.tombstones_of(ALICE) == {(None, f"{KIND}.0", "done"), (None, f"{KIND}.1", "done")}
+    assert state.rows_of(ALICE) == {(None, f"{KIND}.0", "ALICE2"), (None, f"{KIND}.1", "ALICE2")}
+
+
+async def test_a_store_file_replaced_under_the_proxy_is_opened_afresh(
+    proxy: ProxyServer, hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    """A backup moved into place is a new file: the proxy reads it, not the old one."""
+    store = proxy.config.store.path
+    other = store.with_name("other.sqlite3")
+    copy_store(store, other)  # a backup from before any delete
+    await delete_with_a_row_for_alice2(http, proxy, f"{KIND}.0")
+
+    os.replace(other, store)
+
+    assert proxy.app[CONTEXT].store.has_pending(ALICE, "ALICE2")  # the old file's index, until used
+    await delete_with_a_row_for_alice2(http, proxy, f"{KIND}.1")
+    assert snapshot(store).tombstones_of(ALICE) == {(None, f"{KIND}.1", "done")}
+    assert [r.account_data_type for r in await proxy.app[CONTEXT].store.unsynced_rows(ALICE)] == [f"{KIND}.1"]
+
+
+# --- one process per store ---------------------------------------------------------------------
+
+
+async def test_a_second_process_on_the_same_store_is_refused_with_one_line(
+    proxy: ProxyServer, tmp_path: Path
+) -> None:
+    """Two processes on one SQLite store would disagree: each keeps its own in-memory
+    index of who has something to learn."""
+    store = proxy.config.store.path
+
+    result = await asyncio.to_thread(run_proxy, tmp_path, store)
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"msc3391-proxy: store error: the store {store} is in use by another msc3391-proxy process"
+        " (one process per SQLite store; several instances need a PostgreSQL store)"
+    ]
+
+
+# --- device removal while the store fails --------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["logout/all", "account/deactivate"])
+async def test_rows_of_an_account_emptied_while_the_store_fails_are_swept_once_it_recovers(
+    proxy: ProxyServer, hs: FakeHomeserver, http: aiohttp.ClientSession, endpoint: str
+) -> None:
+    """After logout/all or a deactivation the account has no token left, so no later
+    request of it would sweep its rows: the sweep is retried until the store takes it."""
+    await delete_with_a_row_for_alice2(http, proxy, f"{KIND}.0")
+    store = proxy.config.store.path
+    with write_lock(store):
+        status, _ = await call(http, proxy, "POST", f"/_matrix/client/v3/{endpoint}", "ALICE1", {})
+        assert status == 200
+        assert snapshot(store).rows_of(ALICE) == {(None, f"{KIND}.0", "ALICE2")}
+
+    state = await wait_for_store(store, lambda s: not s.rows_of(ALICE))
+    assert state.rows_of(ALICE) == set() and state.tombstones_of(ALICE) == set()
