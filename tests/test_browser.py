@@ -98,7 +98,10 @@ class BrowserRun:
     def diagnosis(self) -> str:
         """What a failure message needs: the driver's error, the steps, the console's
         errors and warnings, and every request Chromium saw fail."""
-        failed = [e for e in self.output.get("network", []) if e.get("failed")]
+        network = self.output.get("network", [])
+        failed = [e for e in network if e.get("failed")]
+        # A refused preflight is not a failed request to Chromium: its answer is the clue.
+        refused = [e for e in network if e.get("method") == "OPTIONS" and not 200 <= e.get("status", 0) < 300]
         lines = [
             f"driver exit status {self.returncode}; driver error: {self.output.get('driverError')}",
             f"unexpected: {self.results.get('unexpected')}",
@@ -113,6 +116,8 @@ class BrowserRun:
             f"page errors: {self.output.get('pageErrors')}",
             "failed requests:",
             *(f"  {json.dumps(e)}" for e in failed),
+            "preflights not answered 2xx:",
+            *(f"  {json.dumps(e)}" for e in refused),
             f"driver stderr (tail): {self.stderr[-2000:]}",
         ]
         return "\n".join(lines)
