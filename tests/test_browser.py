@@ -3,11 +3,12 @@ front of real Synapse.
 
 Headless Chromium (Debian's package, driven by playwright-core: `tests/browser/drive.mjs`)
 loads a page from a loopback port of its own, so every request the SDK makes to the
-homeserver is cross-origin: anything but a plain GET is preflighted with `OPTIONS`, and
-every response needs `Access-Control-Allow-Origin`, or the page gets nothing but a
-`TypeError: Failed to fetch`. The page (`tests/browser/page/scenario.js`, bundled by
-esbuild once per SDK version) sets, reads, deletes and reads again one account data type
-with the SDK's public calls, its sync loop running:
+homeserver is cross-origin: each URL is preflighted with `OPTIONS` (the `Authorization`
+header alone makes even a GET need one), and every response needs
+`Access-Control-Allow-Origin`, or the page gets nothing but a `TypeError: Failed to fetch`.
+The page (`tests/browser/page/scenario.js`, bundled by esbuild once per SDK version) sets,
+reads, deletes and reads again one account data type with the SDK's public calls, its sync
+loop running:
 
 - matrix-js-sdk 37.5.0: `deleteAccountData` is the unstable MSC3391 `DELETE`, chosen
   because /versions advertises `org.matrix.msc3391`;
