@@ -2,10 +2,10 @@
 
 Works on a fresh machine with python3 (3.11+): sets up `.venv`, installs Synapse into
 its own cached venv (so the first integration test does not spend its time
-installing), installs what the nginx and client library tests need (as root with
-apt-get: the Debian packages nginx, and nodejs and npm when there is no `node`; then
-`npm ci` in tests/js when its lockfile changed), runs `ruff check`, then pytest with
-the given arguments. The exit
+installing), installs what the nginx, client library and browser tests need (as root
+with apt-get: the Debian packages nginx, chromium, and nodejs and npm when there is no
+`node`; then `npm ci` in tests/js and tests/browser, each when its lockfile changed),
+runs `ruff check`, then pytest with the given arguments. The exit
 status is pytest's (5, "no tests collected", counts as a failure), or 1 if only
 ruff failed.
 """
@@ -21,7 +21,7 @@ from _bootstrap import ROOT, enter_venv, install_debian_packages, say, use_repos
 def main() -> int:
     enter_venv()
     use_repository_modules()
-    from tests.prerequisites import debian_packages_to_install, ensure_js_packages, find_program
+    from tests.prerequisites import JS_PROJECTS, debian_packages_to_install, ensure_js_packages, find_program
     from tests.synapse_rig import SYNAPSE_SPEC, ensure_synapse_venv, synapse_venv_path
 
     say(f"Synapse: {SYNAPSE_SPEC} in {synapse_venv_path()}")
@@ -31,16 +31,18 @@ def main() -> int:
         say(f"error: {e}")
         return 1
 
-    # nginx for tests/test_nginx.py; Node.js and npm for matrix-js-sdk. A `node` from
-    # elsewhere (nodesource, nvm) is kept: Debian's nodejs is installed only without one.
+    # nginx for tests/test_nginx.py; chromium for tests/test_browser.py; Node.js and npm
+    # for matrix-js-sdk, playwright-core and esbuild. A `node` from elsewhere (nodesource,
+    # nvm) is kept: Debian's nodejs is installed only without one.
     install_debian_packages(debian_packages_to_install())
     if find_program("npm") is None:
-        say("warning: no npm, so no matrix-js-sdk (its test is skipped, or fails under CI)")
+        say("warning: no npm, so no matrix-js-sdk (its tests are skipped, or fail under CI)")
     else:
-        try:
-            ensure_js_packages(say=say)
-        except RuntimeError as e:
-            say(f"warning: {e}")
+        for project in JS_PROJECTS:
+            try:
+                ensure_js_packages(project, say=say)
+            except RuntimeError as e:
+                say(f"warning: {e}")
 
     say("ruff check proxy tests scripts")
     lint = subprocess.run([sys.executable, "-m", "ruff", "check", "proxy", "tests", "scripts"], cwd=ROOT)

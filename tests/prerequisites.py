@@ -1,11 +1,14 @@
-"""Programs some tests need beyond Python: nginx, and Node.js with matrix-js-sdk.
+"""Programs some tests need beyond Python: nginx, Node.js with matrix-js-sdk, and
+Chromium with the browser test's JS project.
 
 `scripts/test.py` installs them (Debian packages when run as root, then `npm ci` in
-`tests/js`); the tests only look. A test asks with the `require` fixture:
+each of `JS_PROJECTS`); the tests only look. A test asks with the `require` fixture:
 `require("nginx")` returns the nginx binary, `require("matrix-js-sdk")` returns the
-`node` binary once `tests/js/node_modules` matches the lockfile. When something is
-missing the test fails if `CI` is set (CI must not pass by skipping) and is skipped
-otherwise, with the reason and the fix either way.
+`node` binary once `tests/js/node_modules` matches the lockfile, `require("chromium")`
+the Chromium binary, `require("browser-js")` the `node` binary once
+`tests/browser/node_modules` matches its lockfile. When something is missing the test
+fails if `CI` is set (CI must not pass by skipping) and is skipped otherwise, with the
+reason and the fix either way.
 
 Plain blocking code, like `tests/synapse_rig.py`, so the scripts can use it too.
 """
@@ -18,16 +21,23 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tests.synapse_rig import REPO_ROOT, _file_lock, _say
 
 JS_DIR = REPO_ROOT / "tests" / "js"
-# matrix-js-sdk 37.5.0 declares `engines: node >=20`; 37.6 and later need Node 22.
+# tests/test_browser.py: playwright-core, esbuild, matrix-js-sdk 37.5.0 and 43.0.0.
+BROWSER_DIR = REPO_ROOT / "tests" / "browser"
+# Every directory with a package-lock.json that `scripts/test.py` installs with `npm ci`.
+JS_PROJECTS = (JS_DIR, BROWSER_DIR)
+# matrix-js-sdk 37.5.0 declares `engines: node >=20`; 37.6 and later need Node 22. In the
+# browser test Node only runs esbuild and playwright-core (both fine on 20): 43.0.0's own
+# `node >=22` concerns Node running the SDK, and there the browser runs it.
 NODE_MIN_MAJOR = 20
 # Written into node_modules after a successful `npm ci`: the hash of what it installed.
-_JS_STAMP = JS_DIR / "node_modules" / ".msc3391-proxy-installed"
+_JS_STAMP_NAME = ".msc3391-proxy-installed"
 # nginx lives in /usr/sbin, which is not on an ordinary user's PATH.
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
@@ -47,12 +57,19 @@ def node_major(node: str) -> int | None:
     return int(found.group(1)) if out.returncode == 0 and found else None
 
 
+def find_chromium() -> str | None:
+    """Debian's Chromium (the `chromium` package's /usr/bin/chromium)."""
+    return find_program("chromium")
+
+
 def debian_packages_to_install() -> list[str]:
-    """The Debian packages that would bring what is missing: nginx; nodejs (and npm)
-    only when there is no `node` at all, so a Node.js from elsewhere is kept."""
+    """The Debian packages that would bring what is missing: nginx; chromium; nodejs
+    (and npm) only when there is no `node` at all, so a Node.js from elsewhere is kept."""
     packages = []
     if find_program("nginx") is None:
         packages.append("nginx")
+    if find_chromium() is None:
+        packages.append("chromium")
     if find_program("node") is None:
         packages.append("nodejs")
         if find_program("npm") is None:
@@ -60,43 +77,46 @@ def debian_packages_to_install() -> list[str]:
     return packages
 
 
-def _js_wanted() -> str:
+def _js_wanted(project: Path) -> str:
     digest = hashlib.sha256()
     for name in ("package.json", "package-lock.json"):
-        digest.update((JS_DIR / name).read_bytes())
+        digest.update((project / name).read_bytes())
     return digest.hexdigest()
 
 
-def js_packages_installed() -> bool:
+def js_packages_installed(project: Path = JS_DIR) -> bool:
     try:
-        return _JS_STAMP.read_text() == _js_wanted()
+        return (project / "node_modules" / _JS_STAMP_NAME).read_text() == _js_wanted(project)
     except FileNotFoundError:
         return False
 
 
-def ensure_js_packages(say: Callable[[str], None] = _say) -> None:
-    """`npm ci` in tests/js unless node_modules already matches the lockfile.
-    Raises RuntimeError (with npm's output) if npm is missing or fails."""
-    if js_packages_installed():
+def ensure_js_packages(project: Path = JS_DIR, say: Callable[[str], None] = _say) -> None:
+    """`npm ci` in `project` (tests/js, tests/browser) unless its node_modules already
+    matches the lockfile. Raises RuntimeError (with npm's output) if npm is missing or fails."""
+    if js_packages_installed(project):
         return
     npm = find_program("npm")
     if npm is None:
         raise RuntimeError("npm is not installed")
-    with _file_lock(JS_DIR / ".npm-ci.lock"):
-        if js_packages_installed():  # installed by another process while we waited
+    with _file_lock(project / ".npm-ci.lock"):
+        if js_packages_installed(project):  # installed by another process while we waited
             return
-        say("npm ci in tests/js (matrix-js-sdk, pinned by package-lock.json) ...")
+        say(f"npm ci in {project.relative_to(REPO_ROOT)} (pinned by package-lock.json) ...")
         done = subprocess.run(
             [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=JS_DIR,
+            cwd=project,
+            # playwright-core downloads nothing itself; this keeps it so should that change:
+            # the browser is Debian's, and this machine's network is closed anyway.
+            env={**os.environ, "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1"},
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             check=False,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"npm ci in {JS_DIR} failed:\n{(done.stdout + done.stderr)[-3000:]}")
-        _JS_STAMP.write_text(_js_wanted())
+            raise RuntimeError(f"npm ci in {project} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+        (project / "node_modules" / _JS_STAMP_NAME).write_text(_js_wanted(project))
 
 
 def _nginx_problem() -> tuple[str | None, str]:
@@ -106,34 +126,50 @@ def _nginx_problem() -> tuple[str | None, str]:
     return nginx, ""
 
 
-def _js_sdk_problem() -> tuple[str | None, str]:
+def _node_with(project: Path, what: str) -> tuple[str | None, str]:
+    """`node`, once `project`'s node_modules matches its lockfile (`what` names it)."""
     node = find_program("node")
     if node is None:
         return None, "Node.js is not installed (Debian: apt-get install nodejs npm)"
     major = node_major(node)
     if major is None or major < NODE_MIN_MAJOR:
-        return (
-            None,
-            f"{node} is Node.js {major}; matrix-js-sdk 37.5.0 needs Node.js {NODE_MIN_MAJOR} or newer",
-        )
+        return None, f"{node} is Node.js {major}; {what} needs Node.js {NODE_MIN_MAJOR} or newer"
     try:
-        ensure_js_packages()
+        ensure_js_packages(project)
     except RuntimeError as e:
-        return None, f"matrix-js-sdk is not installed: {e}"
+        return None, f"{what} is not installed: {e}"
     return node, ""
+
+
+def _js_sdk_problem() -> tuple[str | None, str]:
+    return _node_with(JS_DIR, "matrix-js-sdk 37.5.0 (tests/js)")
+
+
+def _browser_js_problem() -> tuple[str | None, str]:
+    return _node_with(BROWSER_DIR, "the browser test's playwright-core and esbuild (tests/browser)")
+
+
+def _chromium_problem() -> tuple[str | None, str]:
+    chromium = find_chromium()
+    if chromium is None:
+        return None, "Chromium is not installed (Debian: apt-get install chromium)"
+    return chromium, ""
 
 
 _CHECKS: dict[str, Callable[[], tuple[str | None, str]]] = {
     "nginx": _nginx_problem,
     "matrix-js-sdk": _js_sdk_problem,
+    "chromium": _chromium_problem,
+    "browser-js": _browser_js_problem,
 }
 
 
 @pytest.fixture(scope="session")
 def require() -> Callable[[str], str]:
-    """`require("nginx")` / `require("matrix-js-sdk")`: the program's path (nginx,
-    or node with tests/js/node_modules ready). If it is missing: the test fails when
-    the environment variable CI is set, and is skipped otherwise."""
+    """`require("nginx")` / `require("matrix-js-sdk")` / `require("chromium")` /
+    `require("browser-js")`: the program's path (nginx; node with tests/js/node_modules
+    ready; Chromium; node with tests/browser/node_modules ready). If it is missing: the
+    test fails when the environment variable CI is set, and is skipped otherwise."""
     found: dict[str, tuple[str | None, str]] = {}
 
     def check(what: str) -> str:
