@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from collections.abc import Coroutine
 from functools import partial
 from typing import Any, TypeVar
@@ -38,6 +39,7 @@ from .forward import UpstreamReply, body_response
 from .identity import Requester
 from .matrix_ids import is_valid_room_id
 from .repairs import TypeKey
+from .rewrite import NUDGE_TYPE
 from .routing import encode_segment
 
 log = logging.getLogger(__name__)
@@ -248,8 +250,11 @@ async def _delete(
         await ctx.repairs.flush(key)
         current = await _call(ctx, request, requester, "GET", path)
         if current.status == 404 or (current.status == 200 and _is_empty_object(current.body)):
-            # Never set, or deleted already: as in Synapse, nothing changes and no
-            # device is told again.
+            # Never set, or deleted already: as in Synapse, the homeserver is not written
+            # and no other device is told again. The device that asked is: a client
+            # deleting with `PUT {}` waits for the deletion to come back over its sync
+            # (matrix-js-sdk 43 waits for ever).
+            await _echo_to_the_deleting_device(ctx, request, requester, key)
             return
         if current.status != 200:
             # Whether there is anything to delete is unknown: the homeserver's error
@@ -280,6 +285,17 @@ async def _delete(
             await _abort(ctx, key, stream_id)
             raise reply.refusal("the write")
         await _commit(ctx, key, stream_id)
+
+
+async def _echo_to_the_deleting_device(
+    ctx: Context, request: web.Request, requester: Requester, key: TypeKey
+) -> None:
+    """A row for the deleting device alone, delivered by its next sync like any other;
+    the nudge wakes that sync if it is waiting at the homeserver, where nothing changed."""
+    if requester.device_id is None:
+        return  # an appservice acting as a user without a device: there is no sync to tell
+    await ctx.store.echo_delete(*key, requester.device_id)
+    await nudge(ctx, request, requester)
 
 
 async def _commit(ctx: Context, key: TypeKey, stream_id: int) -> None:
@@ -337,6 +353,27 @@ async def _settle_held(
         return False
     ctx.store.mark_orphaned(tombstone.user_id, stream_id)
     return None
+
+
+async def nudge(ctx: Context, request: web.Request, requester: Requester) -> bool:
+    """A to-device message from the caller's device to itself, of a type of the proxy's
+    own that the sync rewriter strips from every answer it reads. It changes the
+    homeserver's state for that device alone: a waiting long-poll of the device wakes,
+    and its next sync token differs from the last one. True if the homeserver took it."""
+    if requester.device_id is None:
+        return False
+    try:
+        reply = await _call(
+            ctx,
+            request,
+            requester,
+            "PUT",
+            f"/_matrix/client/v3/sendToDevice/{NUDGE_TYPE}/{secrets.token_hex(16)}",
+            {"messages": {requester.user_id: {requester.device_id: {}}}},
+        )
+    except MatrixError:
+        return False
+    return reply.status == 200
 
 
 async def device_ids(ctx: Context, request: web.Request, requester: Requester) -> list[str]:

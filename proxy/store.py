@@ -425,6 +425,42 @@ class Store:
             await self._refresh_user(user_id)
             return stream_id
 
+    async def echo_delete(
+        self, user_id: str, room_id: str | None, account_data_type: str, device_id: str
+    ) -> int:
+        """A delete that changed nothing (the type was never set, or is deleted already)
+        must still reach the device that asked, once: a row for it, on the type's
+        settled tombstone if there is one (its other rows stay as they are), else on a
+        new one. Returns the tombstone's stream_id."""
+        async with self._locked():
+            async with self._transaction():
+                async with self.db.execute(
+                    "SELECT stream_id FROM account_data_tombstones WHERE user_id = ?"
+                    " AND COALESCE(room_id, '') = COALESCE(?, '') AND account_data_type = ?"
+                    " AND state = 'done'",
+                    (user_id, room_id, account_data_type),
+                ) as cur:
+                    found = await cur.fetchone()
+                if found is not None:
+                    stream_id = found[0]
+                else:
+                    cur = await self.db.execute(
+                        "INSERT INTO account_data_tombstones"
+                        " (user_id, room_id, account_data_type, state, created_ts)"
+                        " VALUES (?, ?, ?, 'done', ?)",
+                        (user_id, room_id, account_data_type, int(time.time() * 1000)),
+                    )
+                    stream_id = cur.lastrowid
+                    assert stream_id is not None
+                await self.db.execute(
+                    "INSERT OR IGNORE INTO account_data_unsynced_deletes"
+                    " (stream_id, user_id, account_data_type, room_id, device_id)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (stream_id, user_id, account_data_type, room_id, device_id),
+                )
+            await self._refresh_user(user_id)
+            return stream_id
+
     async def commit_delete(self, stream_id: int) -> None:
         """The homeserver holds the delete: it replaces any earlier delete of the type."""
         async with self._locked():

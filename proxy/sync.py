@@ -13,7 +13,6 @@ import asyncio
 import gc
 import json
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -23,14 +22,13 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from . import jsoncodec
-from .account_data import caller, device_ids
+from .account_data import caller, device_ids, nudge
 from .context import Context
 from .errors import MatrixError, RelayedResponse, StoreUnavailable, bad_gateway
 from .filters import NO_FILTER, SyncFilter
 from .forward import UpstreamReply, accept_encoding_we_can_read, body_response, can_decode, decode_body
 from .identity import Requester
 from .rewrite import (
-    NUDGE_TYPE,
     SyncRewrite,
     may_hold_deletions,
     rewrite_sync,
@@ -224,26 +222,20 @@ async def _rewrite(
 
 
 async def _with_a_new_token(ctx: Context, request: web.Request, requester: Requester) -> UpstreamReply | None:
-    """The same sync once more, after something changed for this device alone: a
-    to-device message from the device to itself (a type of the proxy's own, stripped
-    from every answer it reads) moves the homeserver's token, so the answer that
-    carries the deletions can be proved received. None if the homeserver refused."""
-    assert requester.device_id is not None
-    headers = ctx.identity.headers_for(request, requester.credentials)
-    params = requester.credentials.params
-    nudge = await ctx.upstream.call(
-        "PUT",
-        f"/_matrix/client/v3/sendToDevice/{NUDGE_TYPE}/{secrets.token_hex(16)}",
-        headers=headers,
-        params=params,
-        json_body={"messages": {requester.user_id: {requester.device_id: {}}}},
-    )
-    if nudge.status != 200:
+    """The same sync once more, after something changed for this device alone (a
+    nudge, see `account_data.nudge`), so that the answer carrying the deletions has a
+    token of its own and can be proved received. None if the homeserver refused."""
+    if not await nudge(ctx, request, requester):
         return None
     # The client's own request, without the wait: the homeserver has news for it now.
     path, _ = split_raw_path(request.raw_path)
     query = [(k, "0" if k == "timeout" else v) for k, v in request.query.items()]
-    again = await ctx.upstream.call("GET", path, headers=headers, params=query)
+    again = await ctx.upstream.call(
+        "GET",
+        path,
+        headers=ctx.identity.headers_for(request, requester.credentials),
+        params=query,
+    )
     return again if again.status == 200 else None
 
 

@@ -417,10 +417,14 @@ async def test_a_client_that_hangs_up_mid_delete_does_not_stop_it(
     gate.set()
 
     # Writes of one type are serialised: a second delete waits for the first, finds
-    # `{}` and changes nothing.
+    # `{}` and writes nothing; only the deleting device is told (its own echo).
     status, body, _ = await call(http, proxy.url, "DELETE", DELETE)
     assert (status, body) == (200, b"{}")
     assert len(hs.requests_to(ACCOUNT_DATA, method="PUT")) == 1
+    assert (None, KIND, DELETER) in snapshot(store).rows_of(ALICE)
+    echoed = await sync(http, proxy.url, DELETER, hs.next_batch)
+    assert carried(echoed) == [{"type": KIND, "content": {}}]
+    await sync(http, proxy.url, DELETER, echoed["next_batch"])
     await assert_deleted_everywhere(http, proxy.url, hs, store, since)
 
 

@@ -555,3 +555,45 @@ async def test_concurrent_writes_end_in_the_homeservers_last_state(
     else:
         assert tombstones == []
         assert await rows(store, team[0].user_id) == set()
+
+
+# --- a delete that changes nothing is still answered on the deleting device's sync ------
+
+
+@pytest.mark.parametrize("in_room", [False, True], ids=["global", "room"])
+@pytest.mark.parametrize("how", ["DELETE", "PUT {}"])
+@pytest.mark.parametrize("before", ["never set", "deleted already"])
+async def test_a_delete_that_changes_nothing_comes_back_to_the_deleting_device_once(
+    devices: MakeDevices, store: Store, in_room: bool, how: str, before: str
+) -> None:
+    """matrix-js-sdk 43 deletes with `PUT {}` and then waits, without a timeout, for the
+    deletion to come back over its sync. Synapse writes nothing for a type that was
+    never set or is deleted already, so nothing would ever come: the proxy tells the
+    deleting device (and only it), once, and wakes its waiting long-poll to do so."""
+    a, b = await devices(2)
+    room_id = await a.create_room() if in_room else None
+    kind = "org.example.noop"
+    await a.sync(initial=True)
+    await b.sync(initial=True)
+    if before == "deleted already":
+        await a.put(kind, {"v": 1}, room_id)
+        await a.delete(kind, room_id)
+        for device in (a, b):  # each sees the deletion and proves it
+            await device.sync()
+            await device.sync()
+        assert await rows(store, a.user_id) == set()
+
+    waiting = asyncio.ensure_future(a.sync(timeout_ms=30_000))  # a sync loop, waiting at Synapse
+    reply = await a.delete(kind, room_id) if how == "DELETE" else await a.put(kind, {}, room_id)
+    assert (reply.status, reply.body) == (200, {})
+
+    # Woken well before its own 30 s timeout, by the proxy: Synapse had nothing new.
+    echoed = await asyncio.wait_for(waiting, 15)
+    assert entries_of(echoed, kind, room_id) == [{"type": kind, "content": {}}]
+    assert await rows(store, a.user_id) == {(room_id, kind, a.device_id)}
+    assert entries_of(await a.sync(), kind, room_id) == []  # the proof of receipt; told once
+    assert await rows(store, a.user_id) == set()
+    assert await store.tombstones(a.user_id) == []
+    assert entries_of(await b.sync(), kind, room_id) == []  # the other device is not told again
+    assert (await a.get(kind, room_id)).status == 404
+    assert empty_entries(await a.sync(initial=True)) == []
