@@ -92,7 +92,7 @@ class Upstream:
         self._latency_by_route: dict[str, Any] = {}
         self._trusted_peers: dict[str, bool] = {}
         self._default_timeout = self._make_timeout(config.upstream.read_timeout)
-        self._base = str(config.upstream.url)
+        self._origin = config.upstream.url
         self._trusted = config.proxy.trusted_forwarders
         self._session: aiohttp.ClientSession | None = None
 
@@ -189,8 +189,22 @@ class Upstream:
     # --- forwarding ---------------------------------------------------------------------
 
     def url_for(self, raw_path: str) -> URL:
-        # encoded=True: the path and query go out exactly as the client sent them.
-        return URL(self._base + raw_path, encoded=True)
+        """`upstream.url` with the request target's path and query exactly as the client
+        sent them (encoded=True: nothing re-quoted or normalised).
+
+        Built from parts, never by parsing a concatenation: the target splits at its first
+        `?` only, as Twisted splits it, so a `#` stays in the path (`.../account_data/T#x`
+        is the type `T#x` to Synapse; read as a URL, yarl would take `#x` for a fragment
+        and drop it on the way out), and the scheme, host and port come from the
+        configuration alone."""
+        path, _, query = raw_path.partition("?")
+        return URL.build(
+            scheme=self._origin.scheme,
+            authority=self._origin.raw_authority,
+            path=path,
+            query_string=query,
+            encoded=True,
+        )
 
     @asynccontextmanager
     async def open(
@@ -311,9 +325,9 @@ class Upstream:
     ) -> UpstreamReply:
         """A small request of the proxy's own (on a caller's behalf), read whole.
 
-        `path` is already percent-encoded.
+        `path` is already percent-encoded (and may carry a query).
         """
-        url = URL(self._base + path, encoded=True)
+        url = self.url_for(path)
         if params:
             url = url.update_query(params)
         async with self.upstream_errors():
