@@ -28,7 +28,7 @@ from .forward import Upstream
 from .identity import Identity
 from .logs import new_request_id, request_id
 from .metrics import Metrics, current_route
-from .routing import RouteMatch, RouteName, match, template
+from .routing import RouteMatch, RouteName, is_origin_form, match, template
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ ROUTE = web.RequestKey("route", str)  # the owned route a request was dispatched
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
+    if not is_origin_form(request.raw_path):
+        raise unrecognized()  # as Synapse answers an absolute-form target; never forwarded
     found = match(request.method, request.raw_path)
     if ctx.config.msc3391_enabled and found is not None:
         current_route.set(found.name.value)
@@ -81,6 +83,8 @@ def _forward_read_timeout(ctx: Context, request: web.Request, found: RouteMatch 
 
 async def health(request: web.Request) -> web.Response:
     """The proxy's own health; `?upstream=true` also asks the homeserver."""
+    if not is_origin_form(request.raw_path):
+        raise unrecognized()  # `GET http://host/health` is no health check, as in `dispatch`
     ctx = request.app[CONTEXT]
     if request.query.get("upstream") not in ("true", "1"):
         return web.json_response({"status": "ok"})

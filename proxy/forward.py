@@ -23,7 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config import Config
-from .errors import bad_gateway, gateway_timeout
+from .errors import bad_gateway, gateway_timeout, unrecognized
 from .metrics import Metrics, current_route
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,10 @@ class Upstream:
         `?` only, as Twisted splits it, so a `#` stays in the path (`.../account_data/T#x`
         is the type `T#x` to Synapse; read as a URL, yarl would take `#x` for a fragment
         and drop it on the way out), and the scheme, host and port come from the
-        configuration alone."""
+        configuration alone. A target that is not a path (absolute-form, `*`) is refused
+        here too, whoever calls: it is the client's to fix, and nothing is sent."""
+        if not raw_path.startswith("/"):
+            raise unrecognized()
         path, _, query = raw_path.partition("?")
         return URL.build(
             scheme=self._origin.scheme,

@@ -106,6 +106,15 @@ MSC3391_ROUTES: tuple[Route, ...] = (
 )
 
 
+def is_origin_form(raw_path: str) -> bool:
+    """Whether a request target is a path (RFC 9112 origin-form), the only kind the
+    proxy serves. aiohttp also accepts an absolute URI (`GET http://host/path`), an
+    authority (`CONNECT host:port`) and `*`; Synapse answers all of those 404 (no
+    resource of its tree is named `http:`), and none may become part of an upstream URL:
+    appended to `upstream.url` its letters would name another host."""
+    return raw_path.startswith("/")
+
+
 def split_raw_path(raw_path: str) -> tuple[str, str]:
     """Split a raw request target into (path, query) without decoding either."""
     path, _, query = raw_path.partition("?")

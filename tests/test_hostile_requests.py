@@ -9,13 +9,18 @@ upstream host), the answer is a Matrix error and nothing reaches any upstream.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import socket
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
+import aiohttp
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 
+from proxy.server import ProxyServer
 from tests.conftest import StartProxy
+from tests.fake_homeserver import FakeHomeserver
 from tests.raw_http import raw_request
 from tests.store_check import snapshot
 from tests.synapse_rig import SynapseServer
@@ -85,3 +90,114 @@ async def test_a_hash_in_the_type_reaches_synapse_as_part_of_the_type(
     through = await raw_request(proxy.url, "GET", me.data("org.example.t#x"), me.auth)
     assert through.status == 404
     assert snapshot(proxy.config.store.path).tombstones_of(me.user_id) == {(None, "org.example.t#x", "done")}
+
+
+# --- B: request targets that are not a path ------------------------------------------------------
+
+
+class HostsTable(AbstractResolver):
+    """Name resolution from a table, {name: port on 127.0.0.1}: the operator's DNS, in
+    which `hs` is the homeserver and `hshttp` some other internal service."""
+
+    def __init__(self, table: dict[str, int]) -> None:
+        self.table = table
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if host not in self.table:
+            raise OSError(f"unknown host {host}")
+        return [
+            ResolveResult(
+                hostname=host,
+                host="127.0.0.1",
+                port=self.table[host],
+                family=socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def internal() -> AsyncIterator[FakeHomeserver]:
+    """Another server on the upstream's network, which no client may reach."""
+    async with FakeHomeserver() as server:
+        yield server
+
+
+@pytest.fixture(params=["with-port", "port-less"])
+async def upstream_shape(
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    start_proxy: StartProxy,
+    fake_hs: FakeHomeserver,
+    internal: FakeHomeserver,
+) -> ProxyServer:
+    """The proxy in front of `fake_hs`, named by address and port, or by a port-less
+    host name (which the configuration accepts) that the operator's DNS resolves."""
+    if request.param == "with-port":
+        return await start_proxy(fake_hs.url)
+    table = HostsTable({"hs": fake_hs.port, "hshttp": internal.port})
+    connector = aiohttp.TCPConnector
+
+    def resolving_connector(**kwargs: object) -> aiohttp.TCPConnector:
+        return connector(resolver=table, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(aiohttp, "TCPConnector", resolving_connector)
+    proxy = await start_proxy("http://hs")
+    # The table is in use: an ordinary request reaches the homeserver through it.
+    assert (await raw_request(proxy.url, "GET", "/_fake/echo/wired")).status == 200
+    fake_hs.requests.clear()
+    return proxy
+
+
+SECRET = "syt_absolute_form_secret"
+
+# (method, target, status, errcode). Synapse answers every target that does not start
+# with `/` with Twisted's `404 No Such Resource` HTML page (OPTIONS: its `204` CORS
+# answer), and `*` with nothing at all (it fails an assertion and drops the connection).
+NOT_A_PATH = [
+    ("GET", "http://internal.example/_matrix/client/versions", 404, "M_UNRECOGNIZED"),
+    ("GET", f"http://127.0.0.1:1/_matrix/client/v3/sync?access_token={SECRET}", 404, "M_UNRECOGNIZED"),
+    ("PUT", "http://hs/_matrix/client/v3/user/%40a%3Alocalhost/account_data/x", 404, "M_UNRECOGNIZED"),
+    ("GET", "HTTP://internal/_fake/echo/x", 404, "M_UNRECOGNIZED"),
+    ("GET", "http://user:password@internal:80/_fake/echo/x", 404, "M_UNRECOGNIZED"),
+    ("POST", "admin://internal/_fake/echo/x", 404, "M_UNRECOGNIZED"),
+    ("GET", "http://internal/health", 404, "M_UNRECOGNIZED"),
+    ("OPTIONS", "http://internal.example/_matrix/client/versions", 404, "M_UNRECOGNIZED"),
+    ("CONNECT", "internal:80", 404, "M_UNKNOWN"),
+    ("OPTIONS", "*", 404, "M_UNKNOWN"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "status", "errcode"), NOT_A_PATH, ids=[f"{m} {t}" for m, t, *_ in NOT_A_PATH]
+)
+async def test_a_target_that_is_not_a_path_gets_a_matrix_404_and_reaches_no_upstream(
+    upstream_shape: ProxyServer,
+    fake_hs: FakeHomeserver,
+    internal: FakeHomeserver,
+    method: str,
+    target: str,
+    status: int,
+    errcode: str,
+) -> None:
+    """An absolute-form target (`GET http://host/path`), an authority (`CONNECT`) or `*`
+    never becomes part of an upstream URL: no 500 from a URL that does not parse (an
+    upstream URL with a port), no request to another host (a port-less one, whose name
+    the target's letters would extend). Answered as Synapse answers: 404, as JSON."""
+    headers = [("Authorization", f"Bearer {SECRET}")]
+    body = b"{}" if method in ("PUT", "POST") else b""
+
+    response = await raw_request(upstream_shape.url, method, target, headers, body)
+
+    assert response.status == status, response.body
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json()["errcode"] == errcode
+    assert SECRET.encode() not in response.body
+    assert internal.requests == [], "another host was reached"
+    assert fake_hs.requests == [], "the target was forwarded"
