@@ -97,6 +97,10 @@ class ProxyServer:
             # of 8190 bytes would refuse long account data types that Synapse serves.
             max_line_size=16384,
             max_field_size=16384,
+            # Request bodies stay as they came: a forwarded one goes upstream byte for byte
+            # under its own Content-Length and Content-Encoding, and an owned one is read as
+            # Synapse reads it (it never decodes a request body: gzip bytes are not JSON).
+            auto_decompress=False,
             logger=_http_log,
         )
         self._metrics_runner: web.AppRunner | None = None

@@ -285,6 +285,9 @@ class FakeHomeserver:
             # Synapse (Twisted) reads request heads of up to 16 KiB; aiohttp's default is 8190.
             max_line_size=16384,
             max_field_size=16384,
+            # Synapse never decodes a request body's Content-Encoding: the bytes recorded
+            # are the bytes that arrived.
+            auto_decompress=False,
         )
         runner = web.ServerRunner(server, shutdown_timeout=0.5)
         await runner.setup()

@@ -9,6 +9,11 @@ upstream host), the answer is a Matrix error and nothing reaches any upstream.
 from __future__ import annotations
 
 import asyncio
+import gzip
+import hashlib
+import json
+import logging
+import random
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -201,3 +206,138 @@ async def test_a_target_that_is_not_a_path_gets_a_matrix_404_and_reaches_no_upst
     assert SECRET.encode() not in response.body
     assert internal.requests == [], "another host was reached"
     assert fake_hs.requests == [], "the target was forwarded"
+
+
+# --- C: request bodies with a Content-Encoding -----------------------------------------------------
+
+
+def compressible(size: int) -> bytes:
+    return b"".join(b"line %d of a log file the client uploads\n" % i for i in range(size // 40 + 1))[:size]
+
+
+# (what, the plain bytes): gzip inflates the first, is barely larger than the second.
+UPLOADS = [("compressible", compressible(300_000)), ("incompressible", random.Random(14).randbytes(300_000))]
+
+
+@pytest.mark.parametrize("plain", [u[1] for u in UPLOADS], ids=[u[0] for u in UPLOADS])
+@pytest.mark.parametrize("msc3391", [False, True], ids=["msc3391-off", "msc3391-on"])
+async def test_a_gzip_upload_is_forwarded_byte_for_byte_with_its_headers(
+    start_proxy: StartProxy, fake_hs: FakeHomeserver, plain: bytes, msc3391: bool
+) -> None:
+    """The body goes upstream as it came, still compressed, with its own Content-Length
+    and Content-Encoding: the homeserver stores what the client sent (Synapse never
+    decodes a request body). Decoded on the way, a compressible body arrived cut to the
+    old Content-Length (stored corrupted); an incompressible one came up short, and the
+    homeserver waited for the rest until the proxy's read timeout (504)."""
+    proxy = await start_proxy(fake_hs.url, msc3391=msc3391)
+    body = gzip.compress(plain, mtime=0)
+    headers = [("Content-Type", "application/octet-stream"), ("Content-Encoding", "gzip")]
+
+    async with asyncio.timeout(10):  # promptly: no wait on a body that never completes
+        response = await raw_request(proxy.url, "POST", "/_fake/upload", headers, body)
+
+    assert response.status == 200, response.body
+    assert response.json() == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    arrived = fake_hs.last_request("/_fake/upload").headers
+    assert arrived.getall("Content-Encoding") == ["gzip"]
+    assert arrived.getall("Content-Length") == [str(len(body))]
+
+
+async def test_a_chunked_gzip_upload_is_forwarded_byte_for_byte(
+    start_proxy: StartProxy, fake_hs: FakeHomeserver
+) -> None:
+    proxy = await start_proxy(fake_hs.url)
+    body = gzip.compress(compressible(300_000), mtime=0)
+    chunked = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 4096]), body[i : i + 4096]) for i in range(0, len(body), 4096)
+    )
+    head = (
+        b"POST /_fake/upload HTTP/1.1\r\nHost: proxy\r\nContent-Encoding: gzip\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+
+    async with asyncio.timeout(10):
+        status, answer = await send_bytes(proxy.url, head + chunked + b"0\r\n\r\n")
+
+    assert status == 200
+    assert json.loads(answer) == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert fake_hs.last_request("/_fake/upload").headers["Content-Encoding"] == "gzip"
+
+
+async def send_bytes(base: str, data: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are on a connection of their own; read the response to the
+    end (the request asks for Connection: close)."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        decoded = b""
+        while True:
+            size_line, _, body = body.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            decoded, body = decoded + body[:size], body[size + 2 :]
+        body = decoded
+    return int(head.split(b" ")[1]), body
+
+
+# (what, Content-Encoding, body): owned writes whose body is not what it says it is.
+ENCODED_WRITES = [
+    ("gzip {}", "gzip", gzip.compress(b"{}", mtime=0)),
+    ("gzip of an object", "gzip", gzip.compress(b'{"a": 1}', mtime=0)),
+    ("gzip declared over plain {}", "gzip", b"{}"),
+    ("gzip declared over a plain object", "gzip", b'{"plain": 1}'),
+    ("deflate declared over a plain object", "deflate", b'{"plain": 2}'),
+    ("br declared over plain {}", "br", b"{}"),
+]
+
+
+@pytest.mark.synapse
+async def test_an_owned_write_with_a_content_encoding_is_answered_as_synapse_answers_it(
+    start_proxy: StartProxy,
+    synapse: SynapseServer,
+    synapse_msc3391: SynapseServer,
+    unique_name: Callable[[str], str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Synapse reads the body as it came: gzip bytes are `400 M_NOT_JSON` (so a
+    compressed `{}` deletes nothing), a plain body under any Content-Encoding is plain
+    JSON. The proxy read the decoded body (a compressed `{}` deleted the type) or failed
+    to decode a plain one (500, with a traceback in its log)."""
+    caplog.set_level(logging.INFO)
+    proxy = await start_proxy(synapse.url)
+    name = unique_name("coding")
+    me = await someone_on(synapse, name)
+    reference = await someone_on(synapse_msc3391, name)
+    for what, coding, body in ENCODED_WRITES:
+        kind = f"org.example.coded.{ENCODED_WRITES.index((what, coding, body))}"
+        for base, who in ((synapse_msc3391.url, reference), (proxy.url, me)):
+            seeded = await raw_request(base, "PUT", who.data(kind), who.auth, b'{"before": 1}')
+            assert seeded.status == 200
+        headers = [("Content-Encoding", coding)]
+
+        direct = await raw_request(
+            synapse_msc3391.url, "PUT", reference.data(kind), reference.auth + headers, body
+        )
+        proxied = await raw_request(proxy.url, "PUT", me.data(kind), me.auth + headers, body)
+
+        assert (proxied.status, proxied.body) == (direct.status, direct.body), what
+        # What the type holds now, as a client of each sees it (the homeserver behind the
+        # proxy stores `{}` for a deleted type; the proxy answers 404 for it, as Synapse does).
+        stored = await raw_request(proxy.url, "GET", me.data(kind), me.auth)
+        reference_stored = await raw_request(synapse_msc3391.url, "GET", reference.data(kind), reference.auth)
+        assert (stored.status, stored.body) == (reference_stored.status, reference_stored.body), what
+    # What Synapse answered, for the record: gzip bytes are not JSON, plain bytes are.
+    assert direct.status == 200
+    assert snapshot(proxy.config.store.path).tombstones_of(me.user_id) == {
+        (None, "org.example.coded.2", "done"),
+        (None, "org.example.coded.5", "done"),
+    }
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
