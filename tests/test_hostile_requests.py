@@ -28,7 +28,7 @@ from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver
 from tests.raw_http import raw_request
 from tests.store_check import snapshot
-from tests.synapse_rig import SynapseServer
+from tests.synapse_rig import ProxyProcess, SynapseServer
 
 V3 = "/_matrix/client/v3"
 MSC3391 = "/_matrix/client/unstable/org.matrix.msc3391"
@@ -341,3 +341,97 @@ async def test_an_owned_write_with_a_content_encoding_is_answered_as_synapse_ans
         (None, "org.example.coded.5", "done"),
     }
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
+
+
+# --- D: HTTP that aiohttp's parser refuses ------------------------------------------------------
+
+QUERY_SECRET, HEADER_SECRET = "syt_malformed_query_secret", "syt_malformed_header_secret"
+_SYNC = f"/_matrix/client/v3/sync?access_token={QUERY_SECRET}"
+_HEADERS = f"Host: proxy\r\nAuthorization: Bearer {HEADER_SECRET}\r\n"
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("latin-1")
+
+
+# (what, the bytes): each carries both tokens, the query one in the request line that
+# aiohttp quotes in its error message.
+MALFORMED = [
+    ("raw non-ASCII in the query", _bytes(f"GET {_SYNC}&x=\xe9 HTTP/1.1\r\n{_HEADERS}\r\n")),
+    ("a space in the target", _bytes(f"GET {_SYNC}&x=a b HTTP/1.1\r\n{_HEADERS}\r\n")),
+    ("a NUL in a header", _bytes(f"GET {_SYNC} HTTP/1.1\r\n{_HEADERS}X-Bad: a\x00b\r\n\r\n")),
+    ("a request line over 16 KiB", _bytes(f"GET {_SYNC}&pad={'p' * 17000} HTTP/1.1\r\n{_HEADERS}\r\n")),
+    ("a 20 KiB header", _bytes(f"GET {_SYNC} HTTP/1.1\r\n{_HEADERS}X-Big: {'b' * 20480}\r\n\r\n")),
+    (
+        "Content-Length and Transfer-Encoding",
+        _bytes(
+            f"PUT {_SYNC} HTTP/1.1\r\n{_HEADERS}Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "2\r\n{}\r\n0\r\n\r\n"
+        ),
+    ),
+    ("a header without a colon", _bytes(f"GET {_SYNC} HTTP/1.1\r\n{_HEADERS}no colon here\r\n\r\n")),
+    ("an unknown HTTP version", _bytes(f"GET {_SYNC} HTTP/7.1\r\n{_HEADERS}\r\n")),
+    ("a method with a bad character", _bytes(f"G(T {_SYNC} HTTP/1.1\r\n{_HEADERS}\r\n")),
+    ("the target `*` of a GET", _bytes(f"GET * HTTP/1.1\r\n{_HEADERS}\r\n")),
+]
+
+
+async def exchange_all(base: str, data: bytes) -> bytes:
+    """Send `data`; everything the proxy answers until it closes the connection (which
+    it must do: nothing after a malformed request on the same connection is trusted)."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+def assert_matrix_400(answer: bytes) -> None:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    assert status_line.split(" ")[1] == "400", answer[:300]
+    assert headers["content-type"].startswith("application/json"), answer[:300]
+    assert json.loads(body)["errcode"] == "M_UNKNOWN", body
+
+
+@pytest.mark.parametrize("data", [m[1] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+async def test_malformed_http_gets_a_matrix_400_that_echoes_nothing_and_logs_no_traceback(
+    start_proxy: StartProxy, fake_hs: FakeHomeserver, caplog: pytest.LogCaptureFixture, data: bytes
+) -> None:
+    caplog.set_level(logging.DEBUG)  # the root logger: every logger propagates to it
+    proxy = await start_proxy(fake_hs.url)
+
+    answer = await exchange_all(proxy.url, data)
+
+    assert_matrix_400(answer)
+    for secret in (QUERY_SECRET, HEADER_SECRET, "pppp", "bbbb"):
+        assert secret.encode() not in answer
+    assert fake_hs.requests == []
+    problems = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info or r.exc_text]
+    assert not problems, caplog.text
+    for record in caplog.records:
+        text = record.getMessage() + repr(record.__dict__)
+        assert QUERY_SECRET not in text and HEADER_SECRET not in text, text
+    assert any(r.name == "proxy.http" and "malformed request" in r.getMessage() for r in caplog.records)
+    # ...and the access log has its line (it failed with a traceback for want of a match_info).
+    assert any(r.name == "proxy.access" and " 400 " in r.getMessage() for r in caplog.records)
+
+
+async def test_malformed_http_leaves_no_traceback_nor_token_in_the_proxy_process_log(
+    fake_hs: FakeHomeserver, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    proxy = await asyncio.to_thread(proxy_process, fake_hs.url, True, '[proxy]\nlog_level = "DEBUG"\n')
+
+    for _, data in MALFORMED:
+        assert_matrix_400(await exchange_all(proxy.url, data))
+    await asyncio.to_thread(proxy.stop)
+
+    log = proxy.log
+    assert log.count("malformed request from") == len(MALFORMED), log
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert QUERY_SECRET not in log and HEADER_SECRET not in log
