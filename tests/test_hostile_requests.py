@@ -9,6 +9,7 @@ upstream host), the answer is a Matrix error and nothing reaches any upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
@@ -22,7 +23,9 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
+from prometheus_client.exposition import generate_latest
 
+from proxy.routing import template
 from proxy.server import ProxyServer
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver
@@ -435,3 +438,111 @@ async def test_malformed_http_leaves_no_traceback_nor_token_in_the_proxy_process
     assert log.count("malformed request from") == len(MALFORMED), log
     assert "Traceback" not in log and "ERROR" not in log, log
     assert QUERY_SECRET not in log and HEADER_SECRET not in log
+
+
+# --- E: user data in access-log templates --------------------------------------------------------
+
+# (a request path, its template). Every data segment is a lowercase word the user chose
+# (they all end in `zq`, so none is an endpoint word by accident), or an endpoint word in
+# a data position (an account data type `sync`, a device called `devices`, ...).
+U = "%40alice%3Alocalhost"
+R = "%21room%3Alocalhost"
+TEMPLATES = [
+    (f"{V3}/user/{U}/account_data/secretzq", f"{V3}/user/{{}}/account_data/{{}}"),
+    (f"{V3}/user/{U}/rooms/{R}/account_data/diaryzq", f"{V3}/user/{{}}/rooms/{{}}/account_data/{{}}"),
+    (f"{MSC3391}/user/{U}/account_data/sync", f"{MSC3391}/user/{{}}/account_data/{{}}"),
+    (f"{V3}/user/sync/account_data/devices", f"{V3}/user/{{}}/account_data/{{}}"),
+    (f"{V3}/rooms/{R}/state/kindzq/keyzq", f"{V3}/rooms/{{}}/state/{{}}/{{}}"),
+    (f"{V3}/rooms/{R}/state/m.room.member/state", f"{V3}/rooms/{{}}/state/{{}}/{{}}"),
+    (f"{V3}/rooms/{R}/state/m.room.name/", f"{V3}/rooms/{{}}/state/{{}}/"),
+    (f"{V3}/rooms/{R}/send/lovenotezq/txnzq", f"{V3}/rooms/{{}}/send/{{}}/{{}}"),
+    (f"{V3}/sendToDevice/handshakezq/txnzq", f"{V3}/sendToDevice/{{}}/{{}}"),
+    (f"{V3}/user/{U}/rooms/{R}/tags/favouritezq", f"{V3}/user/{{}}/rooms/{{}}/tags/{{}}"),
+    (f"{V3}/devices/laptopzq", f"{V3}/devices/{{}}"),
+    (f"{V3}/devices/devices", f"{V3}/devices/{{}}"),
+    (f"{V3}/user/{U}/filter/filterzq", f"{V3}/user/{{}}/filter/{{}}"),
+    (f"{V3}/pushrules/global/override/rulezq/enabled", f"{V3}/pushrules/{{}}/{{}}/{{}}/enabled"),
+    (f"{V3}/pushrules/global/content/rulezq/actions", f"{V3}/pushrules/{{}}/{{}}/{{}}/actions"),
+    ("/_matrix/media/v3/download/serverzq/mediazq/holidayzq", "/_matrix/media/v3/download/{}/{}/{}"),
+    ("/_matrix/client/v1/media/download/serverzq/mediazq", "/_matrix/client/v1/media/download/{}/{}"),
+    ("/_matrix/client/v1/media/thumbnail/serverzq/mediazq", "/_matrix/client/v1/media/thumbnail/{}/{}"),
+    ("/_matrix/media/v3/upload/serverzq/mediazq", "/_matrix/media/v3/upload/{}/{}"),
+    (f"{V3}/rooms/{R}/event/eventzq", f"{V3}/rooms/{{}}/event/{{}}"),
+    (f"{V3}/rooms/{R}/context/eventzq", f"{V3}/rooms/{{}}/context/{{}}"),
+    (
+        f"/_matrix/client/v1/rooms/{R}/relations/eventzq/reltypezq/evtypezq",
+        "/_matrix/client/v1/rooms/{}/relations/{}/{}/{}",
+    ),
+    (f"{V3}/rooms/{R}/receipt/receiptzq/eventzq", f"{V3}/rooms/{{}}/receipt/{{}}/{{}}"),
+    (f"{V3}/rooms/{R}/typing/someonezq", f"{V3}/rooms/{{}}/typing/{{}}"),
+    (f"{V3}/join/roomzq", f"{V3}/join/{{}}"),
+    (f"{V3}/knock/roomzq", f"{V3}/knock/{{}}"),
+    (f"{V3}/rooms/roomzq/join", f"{V3}/rooms/{{}}/join"),
+    (f"{V3}/rooms/{R}/redact/eventzq/txnzq", f"{V3}/rooms/{{}}/redact/{{}}/{{}}"),
+    (f"{V3}/directory/room/aliaszq", f"{V3}/directory/room/{{}}"),
+    (f"{V3}/directory/list/room/roomzq", f"{V3}/directory/list/room/{{}}"),
+    (f"{V3}/directory/list/appservice/networkzq/roomzq", f"{V3}/directory/list/appservice/{{}}/{{}}"),
+    (f"{V3}/profile/someonezq/displayname", f"{V3}/profile/{{}}/displayname"),
+    (f"{V3}/profile/someonezq/fieldzq", f"{V3}/profile/{{}}/{{}}"),
+    (f"{V3}/presence/someonezq/status", f"{V3}/presence/{{}}/status"),
+    (f"{V3}/rooms/{R}/report/eventzq", f"{V3}/rooms/{{}}/report/{{}}"),
+    (f"{V3}/user/someonezq/openid/request_token", f"{V3}/user/{{}}/openid/request_token"),
+    (f"{V3}/thirdparty/protocol/protocolzq", f"{V3}/thirdparty/protocol/{{}}"),
+    (f"{V3}/auth/stagezq/fallback/web", f"{V3}/auth/{{}}/fallback/web"),
+    (f"{V3}/login/sso/redirect/idpzq", f"{V3}/login/sso/redirect/{{}}"),
+    (f"{V3}/room_keys/keys/{R}/sessionzq", f"{V3}/room_keys/keys/{{}}/{{}}"),
+    (f"{V3}/room_keys/version/versionzq", f"{V3}/room_keys/version/{{}}"),
+    (f"{V3}/admin/whois/someonezq", f"{V3}/admin/whois/{{}}"),
+    ("/_matrix/client/v1/appservice/bridgezq/ping", "/_matrix/client/v1/appservice/{}/ping"),
+    ("/_matrix/client/v1/delayed_events/delayzq/cancel", "/_matrix/client/v1/delayed_events/{}/cancel"),
+    (f"{V3}/rooms/{R}/messages?from=tokenzq&filter=filterzq", f"{V3}/rooms/{{}}/messages"),
+    (f"{V3}/endpointzq/wordzq", f"{V3}/{{}}/{{}}"),
+    ("/_matrix/federation/v1/send/txnzq", "/_matrix/federation/v1/send/{}"),
+    ("/_matrix/federation/v1/make_join/roomzq/someonezq", "/_matrix/federation/v1/make_join/{}/{}"),
+    ("/_matrix/federation/v1/user/devices/someonezq", "/_matrix/federation/v1/user/{}/{}"),
+    ("/_matrix/key/v2/query/serverzq/keyzq", "/_matrix/key/v2/query/{}/{}"),
+    ("/_matrix/app/v1/transactions/txnzq", "/_matrix/app/v1/transactions/{}"),
+    ("/_synapse/admin/v2/users/someonezq", "/_synapse/admin/v2/users/{}"),
+    ("/_synapse/admin/v1/media/download/mediazq", "/_synapse/admin/v1/media/{}/{}"),
+    # Endpoint shapes stay readable.
+    (f"{V3}/sync?since=s1&access_token=tokenzq", f"{V3}/sync"),
+    (f"{V3}/keys/upload", f"{V3}/keys/upload"),
+    (f"{V3}/logout/all", f"{V3}/logout/all"),
+    ("/_matrix/client/versions", "/_matrix/client/versions"),
+    (
+        "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+        "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+    ),
+    ("/.well-known/matrix/client", "/.well-known/matrix/client"),
+]
+
+
+@pytest.mark.parametrize(("path", "expected"), TEMPLATES, ids=[t[0] for t in TEMPLATES])
+def test_a_template_hides_every_user_supplied_segment_and_keeps_the_endpoint_words(
+    path: str, expected: str
+) -> None:
+    assert template(path) == expected
+
+
+async def test_no_user_data_reaches_the_access_log_or_the_metrics(
+    start_proxy: StartProxy, fake_hs: FakeHomeserver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every path above, sent through the proxy: the access log and the metrics name
+    none of the data, and a body that broke off logs the template too."""
+    caplog.set_level(logging.INFO)
+    fake_hs.add_device("@alice:localhost", "ALICE1", token="syt_template_alice")
+    proxy = await start_proxy(fake_hs.url)
+    auth = [("Authorization", "Bearer syt_template_alice")]
+    for path, _ in TEMPLATES:
+        await raw_request(proxy.url, "GET", path, auth)
+    # A download the homeserver cuts off (after the headers, so it is logged).
+    with contextlib.suppress(asyncio.IncompleteReadError):
+        await raw_request(proxy.url, "GET", "/_fake/reset/mediazq?size=4000000&after=1000000")
+
+    records = [r for r in caplog.records if r.name == "proxy.access"]
+    assert len(records) == len(TEMPLATES) + 1
+    assert any("broke off" in r.getMessage() for r in caplog.records)
+    metrics = generate_latest(proxy.metrics.registry).decode()
+    for record in caplog.records:
+        assert "zq" not in record.getMessage(), record.getMessage()
+    assert "zq" not in metrics
