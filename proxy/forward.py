@@ -7,6 +7,7 @@ and turns every transport failure into a Matrix-shaped 502 or 504.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -18,11 +19,12 @@ from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config import Config
-from .errors import bad_gateway, gateway_timeout, unrecognized
+from .errors import M_UNKNOWN, MatrixError, bad_gateway, gateway_timeout, unrecognized
 from .metrics import Metrics, current_route
 from .routing import template
 
@@ -60,6 +62,48 @@ def end_to_end(headers: CIMultiDictProxy[str], *, drop: Sequence[str] = ()) -> C
     """A copy of `headers` without hop-by-hop headers (nor those listed in Connection)."""
     skip = _HOP_BY_HOP | _connection_tokens(headers) | {d.lower() for d in drop}
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in skip)
+
+
+class ClientTooSlow(MatrixError):
+    """The client did not send its body in time (`proxy.client_timeout`): answered 408,
+    and the connection is closed rather than kept for a client in that state."""
+
+    def __init__(self) -> None:
+        super().__init__(408, M_UNKNOWN, "The request body did not arrive in time")
+
+    def response(self) -> web.Response:
+        response = super().response()
+        response.force_close()
+        return response
+
+
+class _StreamedBody:
+    """A client's request body on its way upstream, chunk by chunk as it arrives (never
+    buffered), each wait for the next chunk bounded by `idle` seconds.
+
+    Twisted's HTTP channel (Synapse) has the same bound: an idle timeout, reset by every
+    read, active while a request's head and body come in (60 s there; client_timeout
+    here). Waits while the homeserver is slow to take the body do not count: the body is
+    only read as fast as it is sent on."""
+
+    def __init__(self, content: StreamReader, idle: float) -> None:
+        self._content = content
+        self._idle = idle
+        self.timed_out = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                async with asyncio.timeout(self._idle):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                # Not re-raised as a TimeoutError: aiohttp's client would report that as
+                # the homeserver's timeout (504). The flag tells `open` what happened.
+                self.timed_out = True
+                raise ClientTooSlow() from None
+            if not chunk:
+                return
+            yield chunk
 
 
 @dataclass(frozen=True)
@@ -219,28 +263,39 @@ class Upstream:
         if headers:
             out_headers.update(headers)
         data: Any
+        streamed: _StreamedBody | None = None
         if body is not None:
             data = body
             out_headers.pop(hdrs.TRANSFER_ENCODING, None)
             out_headers[hdrs.CONTENT_LENGTH] = str(len(body))
         elif request.body_exists:
-            data = request.content
+            streamed = _StreamedBody(request.content, self._config.proxy.client_timeout)
+            data = streamed.chunks()
         else:
             data = None
         started = time.monotonic()
-        async with self.upstream_errors():
-            async with self.session.request(
-                request.method,
-                self.url_for(request.raw_path),
-                headers=out_headers,
-                data=data,
-                allow_redirects=False,
-                timeout=self.timeout(read_timeout),
-                # aiohttp would otherwise add Content-Type or chunk a known length.
-                skip_auto_headers=(hdrs.CONTENT_TYPE,),
-            ) as response:
-                self._observe(current_route.get(), time.monotonic() - started)
-                yield response
+        try:
+            async with self.upstream_errors():
+                async with self.session.request(
+                    request.method,
+                    self.url_for(request.raw_path),
+                    headers=out_headers,
+                    data=data,
+                    allow_redirects=False,
+                    timeout=self.timeout(read_timeout),
+                    # aiohttp would otherwise add Content-Type or chunk a known length.
+                    skip_auto_headers=(hdrs.CONTENT_TYPE,),
+                ) as response:
+                    self._observe(current_route.get(), time.monotonic() - started)
+                    yield response
+        except MatrixError:
+            # The client's body stalled: aiohttp abandoned the upstream request (its
+            # connection is closed, not reused) and reports a broken connection. The
+            # client is the one to be told (a relayed answer already under way is cut
+            # off by `relay` instead, as for any body that breaks off).
+            if streamed is not None and streamed.timed_out:
+                raise ClientTooSlow() from None
+            raise
 
     def _observe(self, route: str, seconds: float) -> None:
         child = self._latency_by_route.get(route)

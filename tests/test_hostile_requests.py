@@ -546,3 +546,108 @@ async def test_no_user_data_reaches_the_access_log_or_the_metrics(
     for record in caplog.records:
         assert "zq" not in record.getMessage(), record.getMessage()
     assert "zq" not in metrics
+
+
+# --- F: a forwarded body that trickles -----------------------------------------------------------
+
+
+@dataclass
+class Trickled:
+    answer: bytes  # everything the proxy sent
+    answered_after: float | None  # seconds until its first byte
+    closed_after: float  # seconds until it closed the connection
+
+
+async def trickle(base: str, head: bytes, pieces: list[tuple[float, bytes]]) -> Trickled:
+    """Send `head`, then each piece after its pause, while reading; return once the proxy
+    closed the connection (bounded by the caller)."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reader, writer = await asyncio.open_connection(host, int(port))
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):
+            writer.write(head)
+            await writer.drain()
+            for pause, piece in pieces:
+                await asyncio.sleep(pause)
+                writer.write(piece)
+                await writer.drain()
+
+    sending = asyncio.ensure_future(send())
+    try:
+        answer, answered_after = b"", None
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(65536):
+                answered_after = answered_after or loop.time() - started
+                answer += chunk
+        return Trickled(answer, answered_after, loop.time() - started)
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+        writer.close()
+
+
+def upload_head(length: int | None) -> bytes:
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return f"POST /_fake/upload HTTP/1.1\r\nHost: proxy\r\n{framing}\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("msc3391", [False, True], ids=["msc3391-off", "msc3391-on"])
+async def test_a_forwarded_body_that_stalls_gets_408_and_the_upstream_request_is_aborted(
+    start_proxy: StartProxy, fake_hs: FakeHomeserver, framing: str, msc3391: bool
+) -> None:
+    """Like Twisted's idle timeout (60 s, reset by every byte that arrives, active while a
+    request's head and body come in), a forwarded body may pause for at most
+    `proxy.client_timeout`; then the upstream request is abandoned, and the client, told
+    nothing yet, gets 408 and a closed connection."""
+    proxy = await start_proxy(fake_hs.url, msc3391=msc3391, proxy={"client_timeout": 1.0})
+    if framing == "chunked":
+        head, pieces = upload_head(None), [(0.2, b"5\r\nhello\r\n"), (0.5, b"1\r\nx\r\n")]
+    else:
+        head, pieces = upload_head(100), [(0.2, b"hello"), (0.5, b"x")]
+
+    async with asyncio.timeout(15):
+        trickled = await trickle(proxy.url, head, pieces)
+
+    status_line, _, rest = trickled.answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 408 Request Timeout", trickled.answer
+    assert rest.endswith(b'{"errcode":"M_UNKNOWN","error":"The request body did not arrive in time"}')
+    assert b"Connection: close" in rest
+    # Silent for client_timeout after its last byte (at 0.7 s): answered then. Closed
+    # once aiohttp has drained what else arrives for `lingering_time` (bounded by the same
+    # timeout), so that the 408 is not lost to a reset.
+    assert trickled.answered_after is not None and 1.6 <= trickled.answered_after < 4
+    assert trickled.closed_after < trickled.answered_after + 3
+    async with asyncio.timeout(5):
+        await fake_hs.handler_cancelled.wait()  # the upstream request went with it
+    assert fake_hs.last_request("/_fake/upload").status is None
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_slow_but_steady_forwarded_body_is_never_cut_off(
+    start_proxy: StartProxy, fake_hs: FakeHomeserver, framing: str
+) -> None:
+    """A byte every 0.25 s for 5 s: far longer than `proxy.client_timeout` in all, never
+    silent that long. It streams through and completes."""
+    proxy = await start_proxy(fake_hs.url, proxy={"client_timeout": 1.0})
+    body = bytes(range(65, 85))
+    if framing == "chunked":
+        head = upload_head(None)
+        pieces = [(0.25, b"1\r\n" + body[i : i + 1] + b"\r\n") for i in range(len(body))]
+        pieces.append((0.25, b"0\r\n\r\n"))
+    else:
+        head = upload_head(len(body))
+        pieces = [(0.25, body[i : i + 1]) for i in range(len(body))]
+    head = head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+
+    async with asyncio.timeout(20):
+        trickled = await trickle(proxy.url, head, pieces)
+
+    assert trickled.answer.startswith(b"HTTP/1.1 200 OK"), trickled.answer
+    assert trickled.closed_after >= 5
+    received = fake_hs.last_request("/_fake/upload")
+    assert (received.body_size, received.body_sha256) == (len(body), hashlib.sha256(body).hexdigest())
