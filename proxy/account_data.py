@@ -30,12 +30,11 @@ from .errors import (
     M_INVALID_PARAM,
     M_NOT_FOUND,
     M_NOT_JSON,
-    M_UNKNOWN,
     MatrixError,
     StoreUnavailable,
     json_response,
 )
-from .forward import UpstreamReply, body_response
+from .forward import ClientTooSlow, UpstreamReply, body_response
 from .identity import Requester
 from .matrix_ids import is_valid_room_id
 from .repairs import TypeKey
@@ -95,19 +94,6 @@ def _account_data_path(user_id: str, room_id: str | None, account_data_type: str
 
 def _ok() -> web.Response:
     return json_response({})
-
-
-class ClientTooSlow(MatrixError):
-    """The client did not send its body within `proxy.client_timeout`: answered 408,
-    and the connection is closed rather than kept for a client in that state."""
-
-    def __init__(self) -> None:
-        super().__init__(408, M_UNKNOWN, "The request body did not arrive in time")
-
-    def response(self) -> web.Response:
-        response = super().response()
-        response.force_close()
-        return response
 
 
 async def read_body(ctx: Context, request: web.Request) -> bytes:

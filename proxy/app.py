@@ -7,8 +7,6 @@ matches no route is forwarded unchanged too. Route shapes live in `routing.py`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -30,7 +28,7 @@ from .forward import Upstream
 from .identity import Identity
 from .logs import new_request_id, request_id
 from .metrics import Metrics, current_route
-from .routing import RouteMatch, RouteName, match, template
+from .routing import RouteMatch, RouteName, is_origin_form, match, template
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -59,6 +57,8 @@ ROUTE = web.RequestKey("route", str)  # the owned route a request was dispatched
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
+    if not is_origin_form(request.raw_path):
+        raise unrecognized()  # as Synapse answers an absolute-form target; never forwarded
     found = match(request.method, request.raw_path)
     if ctx.config.msc3391_enabled and found is not None and request.method != "OPTIONS":
         current_route.set(found.name.value)
@@ -85,6 +85,8 @@ async def health(request: web.Request) -> web.Response:
     """The proxy's own health: its store (when the feature is on) and, with
     `?upstream=true`, the homeserver. 503 names what fails: with a failing store the
     proxy still forwards and syncs, but refuses deletes."""
+    if not is_origin_form(request.raw_path):
+        raise unrecognized()  # `GET http://host/health` is no health check, as in `dispatch`
     ctx = request.app[CONTEXT]
     report: dict[str, str] = {"status": "ok"}
     problem = ctx.store.problem() if ctx.config.msc3391_enabled else None
@@ -157,9 +159,6 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
             filters = FilterCache(upstream, identity)
             context = app[CONTEXT] = Context(config, upstream, identity, store, filters, metrics)
             context.repairs.start()
-            # Before serving, bounded: a homeserver that is down costs start-up nothing.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(upstream.learn_headers(), 2.0)
             yield
             await context.repairs.stop()
         finally:

@@ -206,7 +206,8 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any]]] = {
         # Bodies the proxy reads itself (account data PUTs, delete_devices); others stream.
         "max_body_size": (_integer(1024, 1 << 30), 1024 * 1024),
         # Longest a client may take to send a request's headers or a body the proxy reads
-        # itself; also how long an idle keep-alive connection is kept. Above nginx's
+        # itself, and the longest pause within a body it forwards; also how long an idle
+        # keep-alive connection is kept. Above nginx's
         # upstream keepalive_timeout (60 s), so nginx never reuses a connection as it closes.
         "client_timeout": (_seconds, 75.0),
         "identity_cache_ttl": (_seconds, 60.0),

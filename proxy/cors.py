@@ -4,8 +4,10 @@ A browser client on another origin (Element Web on its own domain) can read an a
 only if it carries `Access-Control-Allow-Origin`. The homeserver's own answers carry
 its CORS headers already and pass through as they are; the answers the proxy builds
 (a delete's `200 {}`, a deleted type's 404, every Matrix error) get the same headers,
-learnt from the homeserver's answers to the proxy's own calls rather than guessed, so
-a homeserver configured otherwise is mirrored as it is. Its `Cache-Control` for JSON
+learnt from the homeserver's answers to the proxy's own calls (every owned request
+asks whoami first) rather than guessed, so a homeserver configured otherwise is
+mirrored as it is. Only answers to client-API calls are learnt from: Synapse sends
+other CORS headers on a few paths of its own (rendezvous). Its `Cache-Control` for JSON
 comes along for the same reason: an error must not be cached where its answer is not.
 Preflights (`OPTIONS`) on owned paths go to the homeserver (see `app.dispatch`).
 """

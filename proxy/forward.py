@@ -7,9 +7,9 @@ and turns every transport failure into a Matrix-shaped 502 or 504.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
-import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -19,13 +19,15 @@ from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config import Config
 from .cors import HomeserverHeaders
-from .errors import MatrixError, bad_gateway, gateway_timeout, upstream_refusal
+from .errors import M_UNKNOWN, MatrixError, bad_gateway, gateway_timeout, unrecognized, upstream_refusal
 from .metrics import Metrics, current_route
+from .routing import template
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +52,6 @@ _HOP_BY_HOP = frozenset(
 # write: measured 8-45% faster than chunk-by-chunk streaming, and bounded in memory.
 _WHOLE_BODY_LIMIT = 1 << 20
 
-_TOKEN_IN_QUERY = re.compile(r"(?i)(access_token=)[^&]*")
-
-
-def redact(raw_path: str) -> str:
-    """The request target with any `access_token` query value removed, for logs."""
-    return _TOKEN_IN_QUERY.sub(r"\1<redacted>", raw_path)
-
-
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     tokens: set[str] = set()
     for value in headers.getall(hdrs.CONNECTION, ()):
@@ -69,6 +63,48 @@ def end_to_end(headers: CIMultiDictProxy[str], *, drop: Sequence[str] = ()) -> C
     """A copy of `headers` without hop-by-hop headers (nor those listed in Connection)."""
     skip = _HOP_BY_HOP | _connection_tokens(headers) | {d.lower() for d in drop}
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in skip)
+
+
+class ClientTooSlow(MatrixError):
+    """The client did not send its body in time (`proxy.client_timeout`): answered 408,
+    and the connection is closed rather than kept for a client in that state."""
+
+    def __init__(self) -> None:
+        super().__init__(408, M_UNKNOWN, "The request body did not arrive in time")
+
+    def response(self) -> web.Response:
+        response = super().response()
+        response.force_close()
+        return response
+
+
+class _StreamedBody:
+    """A client's request body on its way upstream, chunk by chunk as it arrives (never
+    buffered), each wait for the next chunk bounded by `idle` seconds.
+
+    Twisted's HTTP channel (Synapse) has the same bound: an idle timeout, reset by every
+    read, active while a request's head and body come in (60 s there; client_timeout
+    here). Waits while the homeserver is slow to take the body do not count: the body is
+    only read as fast as it is sent on."""
+
+    def __init__(self, content: StreamReader, idle: float) -> None:
+        self._content = content
+        self._idle = idle
+        self.timed_out = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                async with asyncio.timeout(self._idle):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                # Not re-raised as a TimeoutError: aiohttp's client would report that as
+                # the homeserver's timeout (504). The flag tells `open` what happened.
+                self.timed_out = True
+                raise ClientTooSlow() from None
+            if not chunk:
+                return
+            yield chunk
 
 
 @dataclass(frozen=True)
@@ -104,7 +140,7 @@ class Upstream:
         self._latency_by_route: dict[str, Any] = {}
         self._trusted_peers: dict[str, bool] = {}
         self._default_timeout = self._make_timeout(config.upstream.read_timeout)
-        self._base = str(config.upstream.url)
+        self._origin = config.upstream.url
         self._trusted = config.proxy.trusted_forwarders
         self._session: aiohttp.ClientSession | None = None
         # The homeserver's CORS headers, learnt from its answers to the proxy's own calls.
@@ -122,14 +158,6 @@ class Upstream:
             # Forward only what the client sent; add nothing of aiohttp's own.
             skip_auto_headers=(hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE),
         )
-
-    async def learn_headers(self) -> None:
-        """Ask the homeserver once, so that its CORS headers are known before the first
-        answer the proxy builds (an error while the homeserver is down, say)."""
-        try:
-            await self.call("GET", "/_matrix/client/versions", headers={}, read_timeout=10.0)
-        except MatrixError:
-            pass  # not up yet: learnt from the first answer that comes
 
     async def close(self) -> None:
         if self._session is not None:
@@ -211,8 +239,25 @@ class Upstream:
     # --- forwarding ---------------------------------------------------------------------
 
     def url_for(self, raw_path: str) -> URL:
-        # encoded=True: the path and query go out exactly as the client sent them.
-        return URL(self._base + raw_path, encoded=True)
+        """`upstream.url` with the request target's path and query exactly as the client
+        sent them (encoded=True: nothing re-quoted or normalised).
+
+        Built from parts, never by parsing a concatenation: the target splits at its first
+        `?` only, as Twisted splits it, so a `#` stays in the path (`.../account_data/T#x`
+        is the type `T#x` to Synapse; read as a URL, yarl would take `#x` for a fragment
+        and drop it on the way out), and the scheme, host and port come from the
+        configuration alone. A target that is not a path (absolute-form, `*`) is refused
+        here too, whoever calls: it is the client's to fix, and nothing is sent."""
+        if not raw_path.startswith("/"):
+            raise unrecognized()
+        path, _, query = raw_path.partition("?")
+        return URL.build(
+            scheme=self._origin.scheme,
+            authority=self._origin.raw_authority,
+            path=path,
+            query_string=query,
+            encoded=True,
+        )
 
     @asynccontextmanager
     async def open(
@@ -234,28 +279,39 @@ class Upstream:
         if headers:
             out_headers.update(headers)
         data: Any
+        streamed: _StreamedBody | None = None
         if body is not None:
             data = body
             out_headers.pop(hdrs.TRANSFER_ENCODING, None)
             out_headers[hdrs.CONTENT_LENGTH] = str(len(body))
         elif request.body_exists:
-            data = request.content
+            streamed = _StreamedBody(request.content, self._config.proxy.client_timeout)
+            data = streamed.chunks()
         else:
             data = None
         started = time.monotonic()
-        async with self.upstream_errors():
-            async with self.session.request(
-                method or request.method,
-                self.url_for(request.raw_path),
-                headers=out_headers,
-                data=data,
-                allow_redirects=False,
-                timeout=self.timeout(read_timeout),
-                # aiohttp would otherwise add Content-Type or chunk a known length.
-                skip_auto_headers=(hdrs.CONTENT_TYPE,),
-            ) as response:
-                self._observe(current_route.get(), time.monotonic() - started)
-                yield response
+        try:
+            async with self.upstream_errors():
+                async with self.session.request(
+                    method or request.method,
+                    self.url_for(request.raw_path),
+                    headers=out_headers,
+                    data=data,
+                    allow_redirects=False,
+                    timeout=self.timeout(read_timeout),
+                    # aiohttp would otherwise add Content-Type or chunk a known length.
+                    skip_auto_headers=(hdrs.CONTENT_TYPE,),
+                ) as response:
+                    self._observe(current_route.get(), time.monotonic() - started)
+                    yield response
+        except MatrixError:
+            # The client's body stalled: aiohttp abandoned the upstream request (its
+            # connection is closed, not reused) and reports a broken connection. The
+            # client is the one to be told (a relayed answer already under way is cut
+            # off by `relay` instead, as for any body that breaks off).
+            if streamed is not None and streamed.timed_out:
+                raise ClientTooSlow() from None
+            raise
 
     def _observe(self, route: str, seconds: float) -> None:
         child = self._latency_by_route.get(route)
@@ -291,7 +347,10 @@ class Upstream:
         except (aiohttp.ClientError, TimeoutError) as e:
             # Headers are gone already: all that is left is to cut the connection, so
             # the client sees a truncated body rather than a complete-looking one.
-            log.warning("upstream body broke off for %s %s: %r", request.method, redact(request.raw_path), e)
+            # The template, as in the access log: the raw path holds IDs and types.
+            log.warning(
+                "upstream body broke off for %s %s: %r", request.method, template(request.raw_path), e
+            )
             response.force_close()
             if request.transport is not None:
                 request.transport.close()
@@ -344,9 +403,9 @@ class Upstream:
     ) -> UpstreamReply:
         """A small request of the proxy's own (on a caller's behalf), read whole.
 
-        `path` is already percent-encoded.
+        `path` is already percent-encoded (and may carry a query).
         """
-        url = URL(self._base + path, encoded=True)
+        url = self.url_for(path)
         if params:
             url = url.update_query(params)
         async with self.upstream_errors():

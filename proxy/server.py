@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from types import TracebackType
 
 from aiohttp import web
@@ -11,6 +12,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .app import CONTEXT, build_app, health
 from .config import Config
+from .errors import M_UNKNOWN, error_response
 from .metrics import Metrics
 from .routing import template
 
@@ -40,8 +42,12 @@ class AccessLogger(AbstractAccessLogger):
 
 
 def _client(request: web.BaseRequest) -> str:
-    app = getattr(request, "app", None)
-    context = app.get(CONTEXT) if app is not None else None
+    try:
+        context = request.app.get(CONTEXT)  # type: ignore[attr-defined]
+    except (AttributeError, AssertionError):
+        # A request aiohttp's parser refused never reached the app (web.Request.app
+        # asserts it has a match_info): nothing of it, headers included, is believed.
+        return request.remote or "-"
     if context is None:
         return request.remote or "-"
     return context.upstream.client_address(request)
@@ -70,6 +76,53 @@ _http_log = logging.getLogger("proxy.http")
 _http_log.addFilter(_MalformedRequestFilter())
 
 
+class _MatrixRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering what aiohttp answers itself (a request its
+    parser refused, a handler that escaped the error middleware) as a Matrix error.
+
+    aiohttp's own answer is plain text quoting the parser's message, which holds the
+    offending bytes: the request line, `access_token` query included, goes back to the
+    sender (and to anything between it and the proxy)."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own first: it logs (a parser error as one INFO line, see
+        # `_MalformedRequestFilter`) and refuses to answer twice once bytes went out.
+        super().handle_error(request, status, exc, message)
+        if status == 500:
+            text = "Internal server error"
+        elif isinstance(exc, HttpProcessingError):
+            text = "Malformed HTTP request"
+        else:
+            text = HTTPStatus(status).phrase
+        response = error_response(status, M_UNKNOWN, text)
+        response.force_close()  # as aiohttp does: what follows on the connection is not trusted
+        return response
+
+
+class _MatrixServer(web.Server):
+    """aiohttp's Server (the protocol factory), making `_MatrixRequestHandler`s."""
+
+    def __call__(self) -> web.RequestHandler:
+        return _MatrixRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp has no parameter for the handler class: the Server it built is made
+        # one that builds ours (same layout, `__call__` differs).
+        server.__class__ = _MatrixServer
+        return server
+
+
 class ProxyServer:
     """`async with ProxyServer(config) as server:` serves on `server.url` (and the
     metrics on `server.metrics_url` when enabled) until exit."""
@@ -78,7 +131,7 @@ class ProxyServer:
         self.config = config
         self.metrics = Metrics()
         self.app = build_app(config, self.metrics)
-        self._runner = web.AppRunner(
+        self._runner = _Runner(
             self.app,
             # A client that goes away cancels its handler, and with it the upstream request.
             handler_cancellation=True,
@@ -97,6 +150,10 @@ class ProxyServer:
             # of 8190 bytes would refuse long account data types that Synapse serves.
             max_line_size=16384,
             max_field_size=16384,
+            # Request bodies stay as they came: a forwarded one goes upstream byte for byte
+            # under its own Content-Length and Content-Encoding, and an owned one is read as
+            # Synapse reads it (it never decodes a request body: gzip bytes are not JSON).
+            auto_decompress=False,
             logger=_http_log,
         )
         self._metrics_runner: web.AppRunner | None = None

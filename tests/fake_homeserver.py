@@ -26,7 +26,7 @@ Endpoints:
   `?h=Name:Value` adds response headers, `?status=N` sets the status),
   `download?size=N[&chunked=1]`, `upload` (hashes the body as it streams),
   `gzip?size=N` (a pre-compressed body), `slow?delay=S`, `hang`,
-  `reset?size=N&after=M[&chunked=1][&rst=1]` (breaks the connection mid-body)
+  `reset[/...]?size=N&after=M[&chunked=1][&rst=1]` (breaks the connection mid-body)
 - anything else: recorded, body hashed, `404 M_UNRECOGNIZED` like Synapse.
 
 The `fake_hs` fixture yields a started `FakeHomeserver`: seed it with `add_device`,
@@ -288,6 +288,9 @@ class FakeHomeserver:
             # Synapse (Twisted) reads request heads of up to 16 KiB; aiohttp's default is 8190.
             max_line_size=16384,
             max_field_size=16384,
+            # Synapse never decodes a request body's Content-Encoding: the bytes recorded
+            # are the bytes that arrived.
+            auto_decompress=False,
         )
         runner = web.ServerRunner(server, shutdown_timeout=0.5)
         await runner.setup()
@@ -475,7 +478,7 @@ class FakeHomeserver:
             (re.compile(r"^/_fake/gzip$"), {"GET": self._gzip}, False),
             (re.compile(r"^/_fake/slow$"), {"*": self._slow}, False),
             (re.compile(r"^/_fake/hang$"), {"*": self._hang_endpoint}, False),
-            (re.compile(r"^/_fake/reset$"), {"GET": self._reset}, False),
+            (re.compile(r"^/_fake/reset(?:/|$)"), {"GET": self._reset}, False),
         ]
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:

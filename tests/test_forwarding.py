@@ -109,6 +109,7 @@ TARGETS = [
     "/_fake/echo/./a/../b/%2E%2E/c",
     "/_fake/echo//double//slash/",
     "/_fake/echo/%2f%2F%252F",
+    "/_fake/echo/type#x/y?q=1#z",  # `#` is no fragment to Twisted: it goes out as sent
     "/_matrix/client/v3/rooms/%21abc%3Aexample.org/send/m.room.message/txn%2F1?user_id=%40bot%3Aexample.org",
     "/_matrix/client/v3/user/%40alice%3Alocalhost/account_data/m.x/extra?access_token=not_owned",
 ]
