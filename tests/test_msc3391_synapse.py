@@ -597,3 +597,108 @@ async def test_a_delete_that_changes_nothing_comes_back_to_the_deleting_device_o
     assert entries_of(await b.sync(), kind, room_id) == []  # the other device is not told again
     assert (await a.get(kind, room_id)).status == 404
     assert empty_entries(await a.sync(initial=True)) == []
+
+
+# --- deletions real clients make, as they make them --------------------------------------
+
+
+async def test_disabling_recovery_as_matrix_rust_sdk_does_deletes_the_key_and_keeps_the_secrets(
+    devices: MakeDevices, store: Store
+) -> None:
+    """matrix-rust-sdk (Element X) disables recovery by writing `{}` to the default key
+    and to the key itself: deletions. Its secrets are written `{"encrypted": {}}`: data."""
+    a, b = await devices(2)
+    key_id = "recoverykeyid"
+    key = {"algorithm": "m.secret_storage.v1.aes-hmac-sha2", "iv": "aXY", "mac": "bWFj"}
+    await a.sync(initial=True)
+    await b.sync(initial=True)
+    assert (await a.put("m.secret_storage.default_key", {"key": key_id})).status == 200
+    assert (await a.put(f"m.secret_storage.key.{key_id}", key)).status == 200
+    secret = {"encrypted": {key_id: {"ciphertext": "Y3Q", "iv": "aXY", "mac": "bWFj"}}}
+    assert (await a.put("m.cross_signing.master", secret)).status == 200
+    await b.sync()
+
+    for kind in ("m.secret_storage.default_key", f"m.secret_storage.key.{key_id}"):
+        assert (await a.put(kind, {})).status == 200
+    assert (await a.put("m.megolm_backup.v1", {"encrypted": {}})).status == 200
+    assert {t.account_data_type for t in await store.tombstones(a.user_id)} == {
+        "m.secret_storage.default_key",
+        f"m.secret_storage.key.{key_id}",
+    }
+
+    seen = await b.sync()
+    for kind in ("m.secret_storage.default_key", f"m.secret_storage.key.{key_id}"):
+        assert global_entries(seen, kind) == [{"type": kind, "content": {}}]
+        assert (await b.get(kind)).status == 404
+    assert global_entries(seen, "m.megolm_backup.v1") == [
+        {"type": "m.megolm_backup.v1", "content": {"encrypted": {}}}
+    ]
+    got = await b.get("m.megolm_backup.v1")
+    assert (got.status, got.body) == (200, {"encrypted": {}})
+    assert (await b.get("m.cross_signing.master")).status == 200
+    assert await store.tombstones(a.user_id) == []  # B's 404s acknowledged both
+    fresh = await b.sync(initial=True)
+    assert global_entries(fresh, "m.secret_storage.default_key") == []
+    assert global_entries(fresh, "m.megolm_backup.v1") == [
+        {"type": "m.megolm_backup.v1", "content": {"encrypted": {}}}
+    ]
+
+
+async def test_element_webs_client_information_cleanup_is_seen_as_gone_by_the_other_devices(
+    devices: MakeDevices, store: Store
+) -> None:
+    """Element Web writes `io.element.matrix_client_information.<device_id>` for itself,
+    and deletes the entries of devices that have gone."""
+    gone, cleaner, watcher = await devices(3)
+    kind = f"io.element.matrix_client_information.{gone.device_id}"
+    for device in (cleaner, watcher):
+        await device.sync(initial=True)
+    information = {"name": "Element", "version": "1.12.0", "url": "app.element.io"}
+    assert (await gone.put(kind, information)).status == 200
+    assert global_entries(await watcher.sync(), kind) != []
+    assert (await gone.request("POST", "/_matrix/client/v3/logout", {})).status == 200
+
+    assert (await cleaner.delete(kind)).status == 200  # as matrix-js-sdk deletes it
+
+    # No row for the gone device: the homeserver no longer lists it.
+    assert await rows(store, watcher.user_id) == {(None, kind, watcher.device_id)}
+    assert global_entries(await watcher.sync(), kind) == [{"type": kind, "content": {}}]
+    await watcher.sync()
+    assert await rows(store, watcher.user_id) == set()
+    assert (await watcher.get(kind)).status == 404
+    assert global_entries(await watcher.sync(initial=True), kind) == []
+
+
+async def test_a_deleted_ignore_list_ignores_nobody_and_the_homeserver_owned_types_keep_their_405(
+    devices: MakeDevices,
+) -> None:
+    """`m.ignored_user_list` is interpreted by the homeserver: deleted, the user ignores
+    nobody, as after Synapse's own `PUT {}`. `m.push_rules` and `m.fully_read` cannot be
+    set through this API, so neither can they be deleted."""
+    (alice,) = await devices(1)
+    (bob,) = await devices(1)
+    room_id = await alice.create_room()
+    invite = {"user_id": bob.user_id}
+    assert (await alice.request("POST", f"/_matrix/client/v3/rooms/{room_id}/invite", invite)).status == 200
+    assert (await bob.request("POST", f"/_matrix/client/v3/join/{room_id}", {})).status == 200
+    await alice.sync(initial=True)
+    assert (await alice.put("m.ignored_user_list", {"ignored_users": {bob.user_id: {}}})).status == 200
+
+    async def bob_says(text: str) -> None:
+        path = f"/_matrix/client/v3/rooms/{room_id}/send/m.room.message/{text}"
+        assert (await bob.request("PUT", path, {"msgtype": "m.text", "body": text})).status == 200
+
+    def said(body: dict[str, Any]) -> list[str]:
+        timeline = body.get("rooms", {}).get("join", {}).get(room_id, {}).get("timeline", {})
+        return [e["content"].get("body") for e in timeline.get("events", []) if e["type"] == "m.room.message"]
+
+    await bob_says("ignored")
+    assert said(await alice.sync()) == []
+    assert (await alice.delete("m.ignored_user_list")).status == 200
+    await bob_says("heard")
+    assert said(await alice.sync()) == ["heard"]
+    assert (await alice.get("m.ignored_user_list")).status == 404
+
+    for kind, error in (("m.push_rules", PUSH_RULES), ("m.fully_read", FULLY_READ)):
+        for reply in (await alice.delete(kind), await alice.put(kind, {})):
+            assert (reply.status, reply.body) == (405, {"errcode": "M_BAD_JSON", "error": error})
