@@ -1,7 +1,7 @@
 """The store at scale: 1,000,000 rows in `account_data_unsynced_deletes`.
 
-Populated with SQL into a temporary store file whose schema the proxy's own `Store`
-created; then, through the `Store` API, a delete for a user with 100 devices
+Populated with SQL into a temporary store file whose schema the proxy's own `SqlStore`
+created; then, through the `SqlStore` API, a delete for a user with 100 devices
 (`begin_delete` + `commit_delete`), the in-memory `has_pending` and the
 `pending_for_device` query. Finally an in-process proxy on that store answers
 /syncs with an SQLite trace callback installed, to show that a device with nothing
@@ -21,7 +21,7 @@ import aiohttp
 from proxy.app import CONTEXT
 from proxy.config import parse_config
 from proxy.server import ProxyServer
-from proxy.store import Store
+from proxy.store import sqlite_store
 
 from .harness import median, say
 from .passthrough import sync_name
@@ -104,7 +104,7 @@ def _per_call_ns(calls: int, work: Any) -> float:
 
 
 async def _store_figures(path: Path, deletes: int) -> dict[str, Any]:
-    store = Store(path)
+    store = sqlite_store(path)
     started = time.monotonic()
     await store.open()
     open_seconds = time.monotonic() - started
@@ -243,7 +243,7 @@ def run(settings: Settings, workdir: Path, upstream_url: str) -> dict[str, Any]:
     path = directory / "bench.sqlite3"
 
     async def create() -> None:
-        store = Store(path)
+        store = sqlite_store(path)
         await store.open()
         await store.close()
 

@@ -12,13 +12,13 @@ from .config import Config, ConfigError, load_config
 from .inspection import pending_report, render_json, render_text
 from .logs import reopen, setup_logging
 from .server import ProxyServer
-from .store import Store, StoreError
+from .store import StoreError, open_store
 
 log = logging.getLogger("proxy")
 
 
 async def inspect(config: Config, as_json: bool) -> str:
-    store = Store(config.store.path, busy_timeout=config.store.busy_timeout)
+    store = open_store(config.store)
     await store.open(exclusive=False)  # beside the running proxy
     try:
         report = await pending_report(store)

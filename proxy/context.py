@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import Config
-from .filters import FilterCache
+from .filter_cache import FilterCache
 from .forward import Upstream
 from .identity import Identity
 from .locks import KeyedLocks
 from .metrics import Metrics
 from .repairs import Repairs
-from .store import Store
+from .store import DeletionStore
 
 
 @dataclass
@@ -19,9 +19,9 @@ class Context:
     config: Config
     upstream: Upstream
     identity: Identity
-    store: Store
-    filters: FilterCache
+    store: DeletionStore
     metrics: Metrics
+    filters: FilterCache = field(default_factory=FilterCache)
     # Serialises writes of one (user, room, type): the store's order of events is then
     # the homeserver's order of accepted writes.
     type_locks: KeyedLocks = field(default_factory=KeyedLocks)

@@ -11,9 +11,9 @@ from functools import partial
 
 from aiohttp import web
 
-from .account_data import caller, read_body
 from .context import Context
 from .errors import StoreUnavailable
+from .handling import caller, read_body
 from .identity import Requester
 
 

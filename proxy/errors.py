@@ -1,9 +1,10 @@
-"""Matrix errors, built in one place.
+"""Every error that becomes an answer, in one place.
 
-Handlers raise `MatrixError`; the error middleware in `app.py` turns it into
-`{"errcode": ..., "error": ...}` with the status Synapse would use. `RelayedResponse`
-carries a homeserver answer that must reach the client exactly as it came
-(a 401 from whoami, a failed upstream write).
+Handlers raise a `ResponseError`; the error middleware in `app.py` answers with its
+`response()`. A `MatrixError` is `{"errcode": ..., "error": ...}` with the status Synapse
+would use; a `RelayedResponse` is a homeserver answer that must reach the client exactly
+as it came (a 401 from whoami, a refused write). Answers built here are marked as the
+proxy's own, so that they get the homeserver's CORS headers (`cors.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ M_TOO_LARGE = "M_TOO_LARGE"
 M_MISSING_TOKEN = "M_MISSING_TOKEN"
 
 
-class MatrixError(Exception):
+class ResponseError(Exception):
+    """An error that ends a request with an answer of its own."""
+
+    def response(self) -> web.Response:
+        raise NotImplementedError
+
+
+class MatrixError(ResponseError):
     def __init__(self, status: int, errcode: str, message: str) -> None:
         super().__init__(f"{status} {errcode}: {message}")
         self.status = status
@@ -38,7 +46,30 @@ class MatrixError(Exception):
         return error_response(self.status, self.errcode, self.message)
 
 
-class RelayedResponse(Exception):
+class ClientTooSlow(MatrixError):
+    """The client did not send its body in time (`proxy.client_timeout`): answered 408,
+    and the connection is closed rather than kept for a client in that state."""
+
+    def __init__(self) -> None:
+        super().__init__(408, M_UNKNOWN, "The request body did not arrive in time")
+
+    def response(self) -> web.Response:
+        response = super().response()
+        response.force_close()
+        return response
+
+
+class StoreUnavailable(MatrixError):
+    """A store operation failed at run time (read-only or full disk, locked, corrupt,
+    the file gone, the database unreachable): the request that needed it gets a 500
+    Matrix error; forwarding goes on."""
+
+    def __init__(self, cause: object) -> None:
+        super().__init__(500, M_UNKNOWN, f"The proxy's deletion store is unavailable: {cause}")
+        self.cause = str(cause)
+
+
+class RelayedResponse(ResponseError):
     """A homeserver response to hand back to the client unchanged (with its own
     end-to-end headers: CORS and Cache-Control as the homeserver set them)."""
 
@@ -50,16 +81,6 @@ class RelayedResponse(Exception):
 
     def response(self) -> web.Response:
         return web.Response(status=self.status, body=self.body, headers=self.headers)
-
-
-class StoreUnavailable(MatrixError):
-    """A store operation failed at run time (read-only or full disk, locked, corrupt,
-    the file gone): the request that needed it gets a 500 Matrix error; forwarding
-    goes on."""
-
-    def __init__(self, cause: object) -> None:
-        super().__init__(500, M_UNKNOWN, f"The proxy's deletion store is unavailable: {cause}")
-        self.cause = str(cause)
 
 
 def error_response(status: int, errcode: str, message: str) -> web.Response:
@@ -87,7 +108,7 @@ def is_matrix_error(body: bytes) -> bool:
     return isinstance(parsed, dict) and isinstance(parsed.get("errcode"), str)
 
 
-def upstream_refusal(status: int, body: bytes, headers: Mapping[str, str], what: str) -> Exception:
+def upstream_refusal(status: int, body: bytes, headers: Mapping[str, str], what: str) -> ResponseError:
     """What to answer when the homeserver refused one of the proxy's own calls: its
     Matrix error as it came, or, for anything else (an HTML page from a gateway, an
     empty body), a Matrix 502: never a plain-text body. `headers`: the end-to-end

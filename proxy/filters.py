@@ -8,22 +8,15 @@ Unlike Synapse, which drops all room account data once `room.rooms` is set (its
 entries carry no room_id when filtered), rooms are matched against the entry's
 real room. `limit` caps how many entries a list may hold after injection.
 
-Filters are immutable once uploaded, so filters fetched by ID are cached.
+Pure: dicts in, dataclasses out. Filters uploaded by ID are fetched (and cached) by
+`filter_cache.py`.
 """
 
 from __future__ import annotations
 
-import json
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-from aiohttp import web
-
-from .forward import Upstream
-from .identity import Identity, Requester
-from .routing import encode_segment
 
 
 def _strings(value: Any) -> tuple[str, ...] | None:
@@ -107,44 +100,3 @@ class SyncFilter:
 
 
 NO_FILTER = SyncFilter()
-
-
-class FilterCache:
-    def __init__(self, upstream: Upstream, identity: Identity, max_size: int = 10_000) -> None:
-        self._upstream = upstream
-        self._identity = identity
-        self._max_size = max_size
-        self._cache: OrderedDict[tuple[str, str], SyncFilter] = OrderedDict()
-
-    async def get(self, request: web.BaseRequest, requester: Requester, param: str | None) -> SyncFilter:
-        """The filter of a /sync request: inline JSON, a stored filter's ID, or none."""
-        if not param:
-            return NO_FILTER
-        if param.lstrip().startswith("{"):
-            try:
-                return SyncFilter.parse(json.loads(param))
-            except ValueError:
-                return NO_FILTER  # the homeserver accepted the request, so this is unreachable
-        key = (requester.user_id, param)
-        cached = self._cache.get(key)
-        if cached is not None:
-            self._cache.move_to_end(key)
-            return cached
-        reply = await self._upstream.call(
-            "GET",
-            f"/_matrix/client/v3/user/{encode_segment(requester.user_id)}/filter/{encode_segment(param)}",
-            headers=self._identity.headers_for(request, requester.credentials),
-            params=requester.credentials.params,
-        )
-        if reply.status != 200:
-            # The homeserver served the sync with this filter, so it exists; an error
-            # here is transient. Inject nothing rather than guess (the rows stay).
-            return SyncFilter(EventFilter(types=()), EventFilter(types=()))
-        try:
-            parsed = SyncFilter.parse(json.loads(reply.body))
-        except ValueError:
-            return SyncFilter(EventFilter(types=()), EventFilter(types=()))
-        self._cache[key] = parsed
-        while len(self._cache) > self._max_size:
-            self._cache.popitem(last=False)
-        return parsed

@@ -8,14 +8,12 @@ and turns every transport failure into a Matrix-shaped 502 or 504.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
-import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -25,58 +23,25 @@ from yarl import URL
 
 from .config import Config
 from .cors import HomeserverHeaders
-from .errors import M_UNKNOWN, MatrixError, bad_gateway, gateway_timeout, unrecognized, upstream_refusal
-from .metrics import Metrics, current_route
-from .routing import template
+from .errors import (
+    ClientTooSlow,
+    MatrixError,
+    ResponseError,
+    bad_gateway,
+    gateway_timeout,
+    unrecognized,
+    upstream_refusal,
+)
+from .forwarders import TrustedForwarders
+from .headers import end_to_end
+from .log_templates import template
+from .metrics import ROUTE, Metrics
 
 log = logging.getLogger(__name__)
-
-# RFC 9110 section 7.6.1, plus the non-standard Proxy-Connection. `Expect` is answered
-# by our own server already, and Host is handled separately.
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "expect",
-    }
-)
 
 # A known-length upstream body up to this size is read whole and answered in one
 # write: measured 8-45% faster than chunk-by-chunk streaming, and bounded in memory.
 _WHOLE_BODY_LIMIT = 1 << 20
-
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    tokens: set[str] = set()
-    for value in headers.getall(hdrs.CONNECTION, ()):
-        tokens.update(t.strip().lower() for t in value.split(","))
-    return tokens
-
-
-def end_to_end(headers: CIMultiDictProxy[str], *, drop: Sequence[str] = ()) -> CIMultiDict[str]:
-    """A copy of `headers` without hop-by-hop headers (nor those listed in Connection)."""
-    skip = _HOP_BY_HOP | _connection_tokens(headers) | {d.lower() for d in drop}
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in skip)
-
-
-class ClientTooSlow(MatrixError):
-    """The client did not send its body in time (`proxy.client_timeout`): answered 408,
-    and the connection is closed rather than kept for a client in that state."""
-
-    def __init__(self) -> None:
-        super().__init__(408, M_UNKNOWN, "The request body did not arrive in time")
-
-    def response(self) -> web.Response:
-        response = super().response()
-        response.force_close()
-        return response
-
 
 class _StreamedBody:
     """A client's request body on its way upstream, chunk by chunk as it arrives (never
@@ -125,7 +90,7 @@ class UpstreamReply:
         headers = end_to_end(self.headers, drop=(hdrs.CONTENT_LENGTH,))
         return web.Response(status=self.status, reason=self.reason, body=self.body, headers=headers)
 
-    def refusal(self, what: str) -> Exception:
+    def refusal(self, what: str) -> ResponseError:
         """The error to raise for this answer to the proxy's own call (`what`)."""
         headers = end_to_end(self.headers, drop=(hdrs.CONTENT_LENGTH,))
         return upstream_refusal(self.status, self.body, headers, what)
@@ -135,13 +100,11 @@ class Upstream:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self._config = config
         self._latency = metrics.upstream_latency
-        # Per-request costs paid once: labelled histogram children, trust decisions by
-        # peer address, the default timeout.
+        # Per-request costs paid once: labelled histogram children, the default timeout.
         self._latency_by_route: dict[str, Any] = {}
-        self._trusted_peers: dict[str, bool] = {}
         self._default_timeout = self._make_timeout(config.upstream.read_timeout)
         self._origin = config.upstream.url
-        self._trusted = config.proxy.trusted_forwarders
+        self.forwarders = TrustedForwarders(config.proxy.trusted_forwarders)
         self._session: aiohttp.ClientSession | None = None
         # The homeserver's CORS headers, learnt from its answers to the proxy's own calls.
         self.homeserver_headers = HomeserverHeaders()
@@ -179,61 +142,11 @@ class Upstream:
             total=None, connect=up.connect_timeout, sock_connect=up.connect_timeout, sock_read=read
         )
 
-    def sync_read_timeout(self, query: Mapping[str, str]) -> float:
-        """How long a /sync may stay silent: the client's long-poll plus a margin,
-        or minutes for an initial sync of a large account."""
-        up = self._config.upstream
-        if "since" not in query:
-            return max(up.initial_sync_timeout, up.read_timeout)
-        try:
-            long_poll = max(0, int(query.get("timeout", "0"))) / 1000
-        except ValueError:
-            long_poll = 0
-        return max(up.read_timeout, long_poll + up.sync_timeout_margin)
-
     # --- headers ------------------------------------------------------------------------
-
-    def _is_trusted(self, peer: str) -> bool:
-        trusted = self._trusted_peers.get(peer)
-        if trusted is None:
-            try:
-                address = ipaddress.ip_address(peer)
-                trusted = any(address in net for net in self._trusted)
-            except ValueError:
-                trusted = False
-            if len(self._trusted_peers) >= 4096:
-                self._trusted_peers.clear()  # bounded: direct clients have many addresses
-            self._trusted_peers[peer] = trusted
-        return trusted
-
-    def forwarding_headers(self, request: web.BaseRequest) -> dict[str, str]:
-        """X-Forwarded-For/-Proto as the homeserver should see them.
-
-        Only a trusted forwarder (nginx on this host, by default) may speak for the
-        client; from anyone else an incoming X-Forwarded-* header is a spoof.
-        """
-        peer = request.remote or ""
-        headers = request.headers
-        if self._is_trusted(peer):
-            chain = ", ".join(headers.getall(hdrs.X_FORWARDED_FOR, ()))
-            xff = f"{chain}, {peer}" if chain else peer
-            proto = headers.get(hdrs.X_FORWARDED_PROTO, request.scheme)
-        else:
-            xff, proto = peer, request.scheme
-        return {hdrs.X_FORWARDED_FOR: xff, hdrs.X_FORWARDED_PROTO: proto}
-
-    def client_address(self, request: web.BaseRequest) -> str:
-        """Who is on the other end: the peer, or the address a trusted forwarder saw
-        (the last hop of its X-Forwarded-For), for the access log."""
-        peer = request.remote or "-"
-        forwarded = request.headers.getall(hdrs.X_FORWARDED_FOR, ())
-        if forwarded and self._is_trusted(peer):
-            return forwarded[-1].rsplit(",", 1)[-1].strip() or peer
-        return peer
 
     def _request_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
         headers = end_to_end(request.headers, drop=(hdrs.X_FORWARDED_FOR, hdrs.X_FORWARDED_PROTO))
-        headers.update(self.forwarding_headers(request))
+        headers.update(self.forwarders.headers(request))
         return headers
 
     # --- forwarding ---------------------------------------------------------------------
@@ -302,7 +215,8 @@ class Upstream:
                     # aiohttp would otherwise add Content-Type or chunk a known length.
                     skip_auto_headers=(hdrs.CONTENT_TYPE,),
                 ) as response:
-                    self._observe(current_route.get(), time.monotonic() - started)
+                    route = request.get(ROUTE)
+                    self._observe(route.name if route else "forward", time.monotonic() - started)
                     yield response
         except MatrixError:
             # The client's body stalled: aiohttp abandoned the upstream request (its
@@ -437,50 +351,17 @@ class Upstream:
             raise bad_gateway() from None
 
 
-_DECODABLE = frozenset({"identity", "gzip", "x-gzip", "deflate"})
+class Answer(Protocol):
+    """What `body_response` needs of a homeserver answer (a streamed or a whole one)."""
+
+    status: int
+    reason: str | None
+    headers: CIMultiDictProxy[str]
 
 
-def can_decode(content_encoding: str | None) -> bool:
-    return (content_encoding or "identity").strip().lower() in _DECODABLE
-
-
-def decode_body(raw: bytes, content_encoding: str | None) -> bytes:
-    """The body with its Content-Encoding undone (only what the proxy asked for)."""
-    coding = (content_encoding or "identity").strip().lower()
-    try:
-        if coding == "identity":
-            return raw
-        if coding in ("gzip", "x-gzip"):
-            return zlib.decompress(raw, 16 + zlib.MAX_WBITS)
-        if coding == "deflate":
-            try:
-                return zlib.decompress(raw)
-            except zlib.error:
-                return zlib.decompress(raw, -zlib.MAX_WBITS)  # raw deflate, as some servers send
-    except zlib.error:
-        raise bad_gateway("The homeserver sent a corrupt compressed body") from None
-    raise bad_gateway(f"The homeserver used a content coding the proxy did not ask for: {coding}")
-
-
-def body_response(upstream: aiohttp.ClientResponse, body: bytes, *, decoded: bool) -> web.Response:
+def body_response(upstream: Answer, body: bytes, *, decoded: bool) -> web.Response:
     """An upstream response with `body` in place of its own. `decoded`: the body is
     plain (rewritten or decompressed), so the Content-Encoding header goes too."""
     drop = (hdrs.CONTENT_LENGTH, hdrs.CONTENT_ENCODING) if decoded else (hdrs.CONTENT_LENGTH,)
     headers = end_to_end(upstream.headers, drop=drop)
     return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
-
-
-def accept_encoding_we_can_read(request: web.BaseRequest) -> str:
-    """Accept-Encoding to send upstream for a body the proxy may have to inspect:
-    gzip if the client takes it (so an unchanged body still travels compressed),
-    otherwise none."""
-    for part in request.headers.get(hdrs.ACCEPT_ENCODING, "").split(","):
-        coding, _, params = part.strip().partition(";")
-        if coding.strip().lower() in ("gzip", "*") and params.replace(" ", "") not in (
-            "q=0",
-            "q=0.0",
-            "q=0.00",
-            "q=0.000",
-        ):
-            return "gzip"
-    return "identity"

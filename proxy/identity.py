@@ -74,7 +74,7 @@ class Identity:
         headers: CIMultiDict[str] = CIMultiDict()
         for value in credentials.authorization:
             headers.add(hdrs.AUTHORIZATION, value)
-        headers.update(self._upstream.forwarding_headers(request))
+        headers.update(self._upstream.forwarders.headers(request))
         if hdrs.USER_AGENT in request.headers:
             # The homeserver records (IP, user agent) per device from authenticated calls.
             headers[hdrs.USER_AGENT] = request.headers[hdrs.USER_AGENT]

@@ -6,10 +6,10 @@ import json
 from collections import defaultdict
 from typing import Any
 
-from .store import Store
+from .store import DeletionStore
 
 
-async def pending_report(store: Store) -> dict[str, Any]:
+async def pending_report(store: DeletionStore) -> dict[str, Any]:
     """{"users": {user: {"tombstones": [...], "devices": {device: [deletes]}}}}"""
     users: dict[str, dict[str, Any]] = defaultdict(lambda: {"tombstones": [], "devices": defaultdict(list)})
     for t in await store.tombstones():

@@ -7,7 +7,6 @@ Labels never carry user data: owned routes are labelled by name, everything else
 from __future__ import annotations
 
 import asyncio
-from contextvars import ContextVar
 from typing import Protocol
 
 from aiohttp import web
@@ -15,9 +14,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import StoreUnavailable
+from .routing import Route
 
-# The owned route being served (labels upstream latency); "forward" for the rest.
-current_route: ContextVar[str] = ContextVar("current_route", default="forward")
+# The owned route a request was dispatched to: its name labels the request's count and
+# upstream latency (a request without one is labelled "forward"), its pattern the
+# access log's template.
+ROUTE = web.RequestKey("route", Route)
 
 
 class StoreCounts(Protocol):

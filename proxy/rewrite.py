@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .filters import SyncFilter
-from .store import PendingDelete
+from .records import PendingDelete
 
 # (room_id or None for global, type)
 Key = tuple[str | None, str]

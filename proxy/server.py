@@ -10,11 +10,12 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .app import CONTEXT, build_app, health
+from .app import build_app
 from .config import Config
 from .errors import M_UNKNOWN, error_response
-from .metrics import Metrics
-from .routing import template
+from .health import CONTEXT, health
+from .log_templates import template
+from .metrics import ROUTE, Metrics
 
 log = logging.getLogger("proxy")
 
@@ -35,10 +36,16 @@ class AccessLogger(AbstractAccessLogger):
             "%s %s %s %d %.3fs",
             _client(request),
             request.method,
-            template(request.raw_path),
+            _template(request),
             response.status,
             time,
         )
+
+
+def _template(request: web.BaseRequest) -> str:
+    """An owned route's template is its own (the route table knows its data segments)."""
+    route = request.get(ROUTE)
+    return route.template(request.raw_path) if route is not None else template(request.raw_path)
 
 
 def _client(request: web.BaseRequest) -> str:
@@ -50,7 +57,7 @@ def _client(request: web.BaseRequest) -> str:
         return request.remote or "-"
     if context is None:
         return request.remote or "-"
-    return context.upstream.client_address(request)
+    return context.upstream.forwarders.client_address(request)
 
 
 class _MalformedRequestFilter(logging.Filter):

@@ -9,25 +9,23 @@ needs a change is parsed (orjson) and rewritten (`rewrite.py`).
 
 from __future__ import annotations
 
-import asyncio
-import gc
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable
 from functools import partial
 from typing import Any, TypeVar
 
 from aiohttp import web
 
-from . import jsoncodec
-from .account_data import caller, device_ids, nudge
+from .codings import accept_encoding_we_can_read, can_decode, decode_body
 from .context import Context
-from .errors import MatrixError, RelayedResponse, StoreUnavailable, bad_gateway
+from .errors import ResponseError, StoreUnavailable
 from .filters import NO_FILTER, SyncFilter
-from .forward import UpstreamReply, accept_encoding_we_can_read, body_response, can_decode, decode_body
+from .forward import Answer, UpstreamReply, body_response
+from .handling import caller
+from .homeserver_calls import call_as, device_ids, joined_rooms, nudge
 from .identity import Requester
+from .records import PendingDelete
 from .rewrite import (
     SyncRewrite,
     may_hold_deletions,
@@ -36,65 +34,15 @@ from .rewrite import (
     strip_legacy_initial_sync,
 )
 from .routing import split_raw_path
-from .store import PendingDelete
+from .sync_bodies import dumps, gc_paused, off_loop, parse
+from .timeouts import ReadTimeout, read_timeout
 
 log = logging.getLogger(__name__)
-
-# Bodies above this are parsed and rewritten on a worker thread, so one huge initial
-# sync does not stall every other request on the event loop for its whole parse.
-_THREAD_THRESHOLD = 1 << 20
 
 # How often a user's device list is compared with the devices that have rows.
 DEVICE_SWEEP_INTERVAL = 600.0
 
 T = TypeVar("T")
-
-
-_gc_holds = 0
-_gc_was_enabled = True
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Hold the cyclic collector off from a body's parse until the tree is released.
-
-    A parse allocates millions of objects that hold no cycles (refcounting frees them);
-    a collection while they live would only traverse them, repeatedly (measured: 141 ms
-    -> 85 ms for 10 MiB). Pauses nest across concurrent requests (on the loop thread)."""
-    global _gc_holds, _gc_was_enabled
-    if _gc_holds == 0:
-        _gc_was_enabled = gc.isenabled()
-        gc.disable()
-    _gc_holds += 1
-    try:
-        yield
-    finally:
-        _gc_holds -= 1
-        if _gc_holds == 0 and _gc_was_enabled:
-            gc.enable()
-
-
-async def _off_loop(size: int, work: Callable[[], T]) -> T:
-    if size > _THREAD_THRESHOLD:
-        return await asyncio.to_thread(work)
-    return work()
-
-
-def _parse(raw: bytes) -> dict[str, Any]:
-    try:
-        body = jsoncodec.loads(raw)
-    except ValueError:
-        raise bad_gateway("The homeserver sent a sync response that is not JSON") from None
-    if not isinstance(body, dict):
-        raise bad_gateway("The homeserver sent a sync response that is not a JSON object")
-    return body
-
-
-def _dumps(body: dict[str, Any]) -> bytes:
-    try:
-        return jsoncodec.dumps(body)
-    except ValueError:
-        raise bad_gateway("The homeserver sent a sync response that cannot be rewritten") from None
 
 
 async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
@@ -122,7 +70,7 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
         {"Accept-Encoding": accept_encoding_we_can_read(request)} if always_inspect or has_pending else None
     )
     async with ctx.upstream.open(
-        request, read_timeout=ctx.upstream.sync_read_timeout(query), headers=headers
+        request, read_timeout=read_timeout(ReadTimeout.SYNC, ctx.config.upstream, query), headers=headers
     ) as upstream:
         if upstream.status != 200:
             return await ctx.upstream.relay(request, upstream)
@@ -145,7 +93,7 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
     pending = [
         p for p in pending if not ctx.repairs.reviving(requester.user_id, p.room_id, p.account_data_type)
     ]
-    with _gc_paused():
+    with gc_paused():
         return await _rewrite(ctx, request, requester, upstream, raw, plain, pending, since, full_state)
 
 
@@ -153,7 +101,7 @@ async def _rewrite(
     ctx: Context,
     request: web.Request,
     requester: Requester,
-    upstream: Any,
+    upstream: Answer,
     raw: bytes,
     plain: bytes,
     pending: list[PendingDelete],
@@ -163,11 +111,11 @@ async def _rewrite(
     nudged: bool = False,
 ) -> web.StreamResponse:
     """Parse, rewrite, record and answer; every reference to the parsed tree is gone
-    when this returns (see `_gc_paused`). `upstream`: the homeserver's answer (its
+    when this returns (see `sync_bodies.gc_paused`). `upstream`: the homeserver's answer (its
     status, reason and headers); `nudged`: this is the answer to `_with_a_new_token`."""
     device_id = requester.device_id
     incremental = bool(since)
-    body = await _off_loop(len(plain), lambda: _parse(plain))
+    body = await off_loop(len(plain), lambda: parse(plain))
     sync_filter, joined = await _injection_context(ctx, request, requester, body, pending, incremental)
     if joined is not None:
         pending = await _forget_unreachable(ctx, requester, body, pending, joined)
@@ -181,7 +129,7 @@ async def _rewrite(
         sync_filter=sync_filter,
         joined_rooms=joined or frozenset(),
     )
-    out, result = await _off_loop(len(plain), work)
+    out, result = await off_loop(len(plain), work)
     del work
     delivered = result.delivered
     ctx.metrics.injected.inc(result.injected)
@@ -223,25 +171,20 @@ async def _rewrite(
 
 async def _with_a_new_token(ctx: Context, request: web.Request, requester: Requester) -> UpstreamReply | None:
     """The same sync once more, after something changed for this device alone (a
-    nudge, see `account_data.nudge`), so that the answer carrying the deletions has a
-    token of its own and can be proved received. None if the homeserver refused."""
+    nudge, see `homeserver_calls.nudge`), so that the answer carrying the deletions has
+    a token of its own and can be proved received. None if the homeserver refused."""
     if not await nudge(ctx, request, requester):
         return None
     # The client's own request, without the wait: the homeserver has news for it now.
     path, _ = split_raw_path(request.raw_path)
     query = [(k, "0" if k == "timeout" else v) for k, v in request.query.items()]
-    again = await ctx.upstream.call(
-        "GET",
-        path,
-        headers=ctx.identity.headers_for(request, requester.credentials),
-        params=query,
-    )
+    again = await call_as(ctx, request, requester, "GET", path, params=query)
     return again if again.status == 200 else None
 
 
 def _rewrite_and_dump(body: dict[str, Any], **rules: Any) -> tuple[bytes | None, SyncRewrite]:
     result = rewrite_sync(body, **rules)
-    return (_dumps(result.body) if result.changed(body) else None), result
+    return (dumps(result.body) if result.changed(body) else None), result
 
 
 async def _best_effort(operation: Awaitable[T], fallback: T) -> T:
@@ -265,7 +208,7 @@ async def _sweep_vanished_devices(ctx: Context, request: web.Request, requester:
     ctx.device_sweeps[user_id] = now
     try:
         devices = await device_ids(ctx, request, requester)
-    except (MatrixError, RelayedResponse):
+    except ResponseError:
         return  # try again after the interval; the sync itself must not fail for this
     await ctx.store.keep_only_devices(user_id, devices)
 
@@ -282,10 +225,11 @@ async def _injection_context(
     (joined rooms: None when not fetched, or when the homeserver could not say)."""
     if not incremental or not pending:
         return NO_FILTER, None
-    sync_filter = await ctx.filters.get(request, requester, request.query.get("filter"))
+    fetch = partial(call_as, ctx, request, requester, "GET")
+    sync_filter = await ctx.filters.get(requester.user_id, request.query.get("filter"), fetch)
     joined = None
     if rooms_to_place(body, pending):
-        joined = await _joined_rooms(ctx, request, requester)
+        joined = await joined_rooms(ctx, request, requester)
     return sync_filter, joined
 
 
@@ -314,41 +258,24 @@ async def _forget_unreachable(
     return [p for p in pending if p not in unreachable]
 
 
-async def _joined_rooms(ctx: Context, request: web.Request, requester: Requester) -> frozenset[str] | None:
-    reply = await ctx.upstream.call(
-        "GET",
-        "/_matrix/client/v3/joined_rooms",
-        headers=ctx.identity.headers_for(request, requester.credentials),
-        params=requester.credentials.params,
-    )
-    if reply.status != 200:
-        return None  # place nothing new; the rows stay for the next sync
-    try:
-        rooms = json.loads(reply.body)["joined_rooms"]
-        return frozenset(r for r in rooms if isinstance(r, str))
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 async def legacy_initial_sync(
     ctx: Context, request: web.Request, params: dict[str, str]
 ) -> web.StreamResponse:
     """`/initialSync` and `/rooms/{roomId}/initialSync` obey the initial-sync rule too
     (Synapse leaks `{}` entries in the latter even with its own flag on)."""
     headers = {"Accept-Encoding": accept_encoding_we_can_read(request)}
-    async with ctx.upstream.open(
-        request, read_timeout=ctx.config.upstream.initial_sync_timeout, headers=headers
-    ) as upstream:
+    timeout = read_timeout(ReadTimeout.INITIAL_SYNC, ctx.config.upstream, request.query)
+    async with ctx.upstream.open(request, read_timeout=timeout, headers=headers) as upstream:
         if upstream.status != 200:
             return await ctx.upstream.relay(request, upstream)
         raw = await ctx.upstream.read_whole(upstream)
     plain = decode_body(raw, upstream.headers.get("Content-Encoding"))
     if not may_hold_deletions(plain):
         return body_response(upstream, raw, decoded=False)
-    with _gc_paused():
-        body = await _off_loop(len(plain), lambda: _parse(plain))
+    with gc_paused():
+        body = await off_loop(len(plain), lambda: parse(plain))
         stripped = strip_legacy_initial_sync(body)
-        out = None if stripped is body else _dumps(stripped)
+        out = None if stripped is body else dumps(stripped)
         del body, stripped
     if out is None:
         return body_response(upstream, raw, decoded=False)

@@ -7,8 +7,9 @@ from typing import Any
 from aiohttp import web
 
 from . import jsoncodec
+from .codings import decode_body
 from .context import Context
-from .forward import body_response, decode_body
+from .forward import body_response
 
 UNSTABLE_FEATURE = "org.matrix.msc3391"
 

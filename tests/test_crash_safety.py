@@ -508,7 +508,7 @@ async def test_a_revive_the_store_cannot_take_is_answered_200_and_retried(
     store = proxy.config.store.path
     status, _, _ = await call(http, proxy.url, "DELETE", DELETE)
     assert status == 200
-    db = proxy.app[CONTEXT].store.db
+    db = proxy.app[CONTEXT].store.db.connection
     await db.execute("PRAGMA query_only = 1")  # every write fails, reads still work
 
     assert await put(http, proxy.url, {"v": 2}) == 200
@@ -535,7 +535,7 @@ async def test_a_delete_whose_commit_the_store_refuses_is_answered_200_and_commi
     hs.fault(ACCOUNT_DATA, method="PUT", gate=gate, times=1)
     deleting = asyncio.ensure_future(call(http, proxy.url, "DELETE", DELETE))
     await asyncio.wait_for(hs.wait_for_requests(ACCOUNT_DATA, method="PUT"), 10)
-    db = proxy.app[CONTEXT].store.db
+    db = proxy.app[CONTEXT].store.db.connection
     await db.execute("PRAGMA query_only = 1")
     gate.set()
 

@@ -31,7 +31,7 @@ import pytest
 
 from proxy.rewrite import NUDGE_TYPE
 from proxy.server import ProxyServer
-from proxy.store import Store
+from proxy.store import sqlite_store
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver
 from tests.store_check import snapshot
@@ -86,7 +86,7 @@ async def test_a_deletion_that_wakes_a_waiting_long_poll_is_not_delivered_again(
 
 
 async def test_a_delivery_of_a_delete_revived_meanwhile_leaves_no_record(tmp_path: Path) -> None:
-    store = Store(tmp_path / "store.sqlite3")
+    store = sqlite_store(tmp_path / "store.sqlite3")
     await store.open()
     try:
         stream_id = await store.begin_delete(ALICE, None, KIND, "A1", ["A1", "A2"])
@@ -96,7 +96,7 @@ async def test_a_delivery_of_a_delete_revived_meanwhile_leaves_no_record(tmp_pat
 
         await store.record_delivery(ALICE, "A2", "s9", [pending.stream_id])
 
-        assert snapshot(store.path).empty
+        assert snapshot(store.db.path).empty
     finally:
         await store.close()
 

@@ -33,7 +33,7 @@ import pytest
 
 from proxy.app import CONTEXT
 from proxy.server import ProxyServer
-from proxy.store import Store
+from proxy.store import DeletionStore
 from tests.matrix_client import MSC3391, Device, Reply, account_data_path
 from tests.synapse_rig import SynapseServer
 
@@ -443,7 +443,7 @@ class RowProbe:
     """After every step of the proxied run: the store's unsynced rows, as
     (room name or None, type, device name)."""
 
-    store: Store
+    store: DeletionStore
     rows: dict[str, set[tuple[str | None, str, str]]] = field(default_factory=dict)
 
     async def __call__(self, step: str, recorder: Recorder) -> None:

@@ -25,7 +25,7 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 from prometheus_client.exposition import generate_latest
 
-from proxy.routing import template
+from proxy.log_templates import template
 from proxy.server import ProxyServer
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver

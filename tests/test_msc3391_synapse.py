@@ -12,7 +12,7 @@ import pytest
 
 from proxy.app import CONTEXT
 from proxy.server import ProxyServer
-from proxy.store import Store
+from proxy.store import DeletionStore
 from tests.matrix_client import (
     MSC3391,
     Device,
@@ -40,7 +40,7 @@ async def proxy(start_proxy: Callable[..., Awaitable[ProxyServer]], synapse: Syn
 
 
 @pytest.fixture
-def store(proxy: ProxyServer) -> Store:
+def store(proxy: ProxyServer) -> DeletionStore:
     return proxy.app[CONTEXT].store
 
 
@@ -83,7 +83,7 @@ async def set_and_delete(device: Device, kind: str, room_id: str | None = None) 
     await device.sync()
 
 
-async def rows(store: Store, user_id: str) -> set[tuple[str | None, str, str]]:
+async def rows(store: DeletionStore, user_id: str) -> set[tuple[str | None, str, str]]:
     """(room, type, device) of every row of the user in account_data_unsynced_deletes."""
     return {(r.room_id, r.account_data_type, r.device_id) for r in await store.unsynced_rows(user_id)}
 
@@ -272,7 +272,7 @@ ERRORS: list[tuple[str, str, str, str | None, str, bytes | None, int, str, str]]
 )
 async def test_error_responses(
     devices: MakeDevices,
-    store: Store,
+    store: DeletionStore,
     method: str,
     prefix: str,
     user: str,
@@ -309,7 +309,7 @@ async def test_missing_and_unknown_tokens_are_the_homeservers_answers(
 
 
 async def test_every_other_device_learns_of_a_delete_and_only_then_loses_its_row(
-    devices: MakeDevices, another_device: Callable[[Device], Awaitable[Device]], store: Store
+    devices: MakeDevices, another_device: Callable[[Device], Awaitable[Device]], store: DeletionStore
 ) -> None:
     a, b, c = await devices(3)
     kind = "org.example.multi"
@@ -343,7 +343,7 @@ async def test_every_other_device_learns_of_a_delete_and_only_then_loses_its_row
     assert await store.tombstones(a.user_id) == []
 
 
-async def test_a_dropped_response_loses_nothing(devices: MakeDevices, store: Store) -> None:
+async def test_a_dropped_response_loses_nothing(devices: MakeDevices, store: DeletionStore) -> None:
     a, b = await devices(2)
     kind = "org.example.dropped"
     await a.sync(initial=True)
@@ -363,7 +363,9 @@ async def test_a_dropped_response_loses_nothing(devices: MakeDevices, store: Sto
     assert await rows(store, b.user_id) == set()
 
 
-async def test_a_delete_the_homeserver_does_not_send_is_injected(devices: MakeDevices, store: Store) -> None:
+async def test_a_delete_the_homeserver_does_not_send_is_injected(
+    devices: MakeDevices, store: DeletionStore
+) -> None:
     a, b = await devices(2)
     room_id = await a.create_room()
     await b.sync(initial=True)
@@ -377,7 +379,9 @@ async def test_a_delete_the_homeserver_does_not_send_is_injected(devices: MakeDe
     assert await rows(store, b.user_id) == set()
 
 
-async def test_injection_honours_the_filter_inline_and_by_id(devices: MakeDevices, store: Store) -> None:
+async def test_injection_honours_the_filter_inline_and_by_id(
+    devices: MakeDevices, store: DeletionStore
+) -> None:
     a, b = await devices(2)
     await set_and_delete(a, "org.example.hidden")
     not_hidden = {"account_data": {"not_types": ["org.example.hidden"]}}
@@ -397,7 +401,9 @@ async def test_injection_honours_the_filter_inline_and_by_id(devices: MakeDevice
     assert await rows(store, b.user_id) == set()
 
 
-async def test_full_state_keeps_only_what_the_device_has_to_learn(devices: MakeDevices, store: Store) -> None:
+async def test_full_state_keeps_only_what_the_device_has_to_learn(
+    devices: MakeDevices, store: DeletionStore
+) -> None:
     a, b = await devices(2)
     await set_and_delete(a, "org.example.fs")
     body = await b.sync(since=a.next_batch, full_state=True)
@@ -408,7 +414,7 @@ async def test_full_state_keeps_only_what_the_device_has_to_learn(devices: MakeD
     assert empty_entries(again) == []
 
 
-async def test_get_of_a_deleted_type_acknowledges_it(devices: MakeDevices, store: Store) -> None:
+async def test_get_of_a_deleted_type_acknowledges_it(devices: MakeDevices, store: DeletionStore) -> None:
     a, b = await devices(2)
     room_id = await a.create_room()
     await a.put("org.example.get", {"v": 1}, room_id)
@@ -419,7 +425,7 @@ async def test_get_of_a_deleted_type_acknowledges_it(devices: MakeDevices, store
     assert await rows(store, a.user_id) == set()
 
 
-async def test_put_with_content_brings_a_type_back(devices: MakeDevices, store: Store) -> None:
+async def test_put_with_content_brings_a_type_back(devices: MakeDevices, store: DeletionStore) -> None:
     a, b = await devices(2)
     await a.put("org.example.back", {"v": 1})
     await a.put("org.example.back", {})
@@ -435,7 +441,7 @@ async def test_put_with_content_brings_a_type_back(devices: MakeDevices, store: 
 
 
 async def test_device_removal_drops_rows_but_an_auth_round_trip_does_not(
-    devices: MakeDevices, store: Store
+    devices: MakeDevices, store: DeletionStore
 ) -> None:
     a, b, c, d = await devices(4)
     await a.put("org.example.dev", {"v": 1})
@@ -469,7 +475,7 @@ async def test_device_removal_drops_rows_but_an_auth_round_trip_does_not(
     assert await store.tombstones(a.user_id) == []
 
 
-async def test_logout_all_drops_every_row(devices: MakeDevices, store: Store) -> None:
+async def test_logout_all_drops_every_row(devices: MakeDevices, store: DeletionStore) -> None:
     a, b, _c = await devices(3)
     await a.put("org.example.all", {"v": 1})
     await a.delete("org.example.all")
@@ -480,7 +486,7 @@ async def test_logout_all_drops_every_row(devices: MakeDevices, store: Store) ->
 
 
 async def test_a_device_removed_behind_the_proxys_back_loses_its_rows(
-    devices: MakeDevices, store: Store, synapse: SynapseServer, http: aiohttp.ClientSession
+    devices: MakeDevices, store: DeletionStore, synapse: SynapseServer, http: aiohttp.ClientSession
 ) -> None:
     a, b, c = await devices(3)
     await a.put("org.example.sweep", {"v": 1})
@@ -531,7 +537,7 @@ async def test_legacy_initial_syncs_carry_no_deletions(
 
 
 async def test_concurrent_writes_end_in_the_homeservers_last_state(
-    devices: MakeDevices, store: Store, synapse: SynapseServer, http: aiohttp.ClientSession
+    devices: MakeDevices, store: DeletionStore, synapse: SynapseServer, http: aiohttp.ClientSession
 ) -> None:
     team = await devices(4)
     kind = "org.example.race"
@@ -564,7 +570,7 @@ async def test_concurrent_writes_end_in_the_homeservers_last_state(
 @pytest.mark.parametrize("how", ["DELETE", "PUT {}"])
 @pytest.mark.parametrize("before", ["never set", "deleted already"])
 async def test_a_delete_that_changes_nothing_comes_back_to_the_deleting_device_once(
-    devices: MakeDevices, store: Store, in_room: bool, how: str, before: str
+    devices: MakeDevices, store: DeletionStore, in_room: bool, how: str, before: str
 ) -> None:
     """matrix-js-sdk 43 deletes with `PUT {}` and then waits, without a timeout, for the
     deletion to come back over its sync. Synapse writes nothing for a type that was
@@ -603,7 +609,7 @@ async def test_a_delete_that_changes_nothing_comes_back_to_the_deleting_device_o
 
 
 async def test_disabling_recovery_as_matrix_rust_sdk_does_deletes_the_key_and_keeps_the_secrets(
-    devices: MakeDevices, store: Store
+    devices: MakeDevices, store: DeletionStore
 ) -> None:
     """matrix-rust-sdk (Element X) disables recovery by writing `{}` to the default key
     and to the key itself: deletions. Its secrets are written `{"encrypted": {}}`: data."""
@@ -645,7 +651,7 @@ async def test_disabling_recovery_as_matrix_rust_sdk_does_deletes_the_key_and_ke
 
 
 async def test_element_webs_client_information_cleanup_is_seen_as_gone_by_the_other_devices(
-    devices: MakeDevices, store: Store
+    devices: MakeDevices, store: DeletionStore
 ) -> None:
     """Element Web writes `io.element.matrix_client_information.<device_id>` for itself,
     and deletes the entries of devices that have gone."""

@@ -8,26 +8,26 @@ from pathlib import Path
 
 import pytest
 
-from proxy.store import SCHEMA_VERSION, PendingDelete, Store, StoreError
+from proxy.store import SCHEMA_VERSION, PendingDelete, SqlStore, StoreError, sqlite_store
 
 ALICE = "@alice:localhost"
 ROOM = "!room:localhost"
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(tmp_path / "store.sqlite3")
+async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
+    s = sqlite_store(tmp_path / "store.sqlite3")
     await s.open()
     yield s
     await s.close()
 
 
-async def rows(store: Store) -> set[tuple[int, str, str | None, str]]:
+async def rows(store: SqlStore) -> set[tuple[int, str, str | None, str]]:
     return {(r.stream_id, r.account_data_type, r.room_id, r.device_id) for r in await store.unsynced_rows()}
 
 
-async def test_schema_has_the_briefs_table_and_indexes(store: Store) -> None:
-    db = sqlite3.connect(store.path)
+async def test_schema_has_the_briefs_table_and_indexes(store: SqlStore) -> None:
+    db = sqlite3.connect(store.db.path)
     columns = [r[1] for r in db.execute("PRAGMA table_info(account_data_unsynced_deletes)")]
     assert columns == ["stream_id", "user_id", "account_data_type", "room_id", "device_id"]
     indexes = {r[1]: r[2] for r in db.execute("PRAGMA index_list(account_data_unsynced_deletes)")}
@@ -37,7 +37,7 @@ async def test_schema_has_the_briefs_table_and_indexes(store: Store) -> None:
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
-async def test_a_delete_rows_every_other_device_and_is_unsettled_until_committed(store: Store) -> None:
+async def test_a_delete_rows_every_other_device_and_is_unsettled_until_committed(store: SqlStore) -> None:
     sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "D3"])
     assert await rows(store) == {(sid, "a", None, "D2"), (sid, "a", None, "D3")}
     assert store.has_pending(ALICE, "D2") and not store.has_pending(ALICE, "D1")
@@ -48,7 +48,7 @@ async def test_a_delete_rows_every_other_device_and_is_unsettled_until_committed
     assert [t.state for t in await store.tombstones()] == ["done"]
 
 
-async def test_stream_ids_are_unique_across_global_and_room_deletes(store: Store) -> None:
+async def test_stream_ids_are_unique_across_global_and_room_deletes(store: SqlStore) -> None:
     a = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
     b = await store.begin_delete(ALICE, ROOM, "a", "D1", ["D1", "D2"])
     await store.commit_delete(a)
@@ -57,7 +57,7 @@ async def test_stream_ids_are_unique_across_global_and_room_deletes(store: Store
     assert {p.stream_id for p in await store.pending_for_device(ALICE, "D2")} == {a, b}
 
 
-async def test_abort_leaves_no_trace(store: Store) -> None:
+async def test_abort_leaves_no_trace(store: SqlStore) -> None:
     sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
     await store.abort_delete(sid)
     assert await rows(store) == set()
@@ -65,7 +65,7 @@ async def test_abort_leaves_no_trace(store: Store) -> None:
     assert not store.has_pending(ALICE, "D2")
 
 
-async def test_aborting_a_second_delete_keeps_the_first(store: Store) -> None:
+async def test_aborting_a_second_delete_keeps_the_first(store: SqlStore) -> None:
     first = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
     await store.commit_delete(first)
     second = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
@@ -73,7 +73,7 @@ async def test_aborting_a_second_delete_keeps_the_first(store: Store) -> None:
     assert await store.pending_for_device(ALICE, "D2") == [PendingDelete(first, None, "a")]
 
 
-async def test_a_new_delete_of_the_same_type_replaces_the_old_one(store: Store) -> None:
+async def test_a_new_delete_of_the_same_type_replaces_the_old_one(store: SqlStore) -> None:
     first = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "D3"])
     await store.commit_delete(first)
     second = await store.begin_delete(ALICE, None, "a", "D2", ["D1", "D2", "D3"])
@@ -82,13 +82,13 @@ async def test_a_new_delete_of_the_same_type_replaces_the_old_one(store: Store) 
     assert [t.stream_id for t in await store.tombstones()] == [second]
 
 
-async def test_a_single_device_account_keeps_no_tombstone(store: Store) -> None:
+async def test_a_single_device_account_keeps_no_tombstone(store: SqlStore) -> None:
     sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1"])
     await store.commit_delete(sid)
     assert await store.tombstones() == []
 
 
-async def test_acknowledgement_by_delivery_and_tombstone_cleanup(store: Store) -> None:
+async def test_acknowledgement_by_delivery_and_tombstone_cleanup(store: SqlStore) -> None:
     sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "D3"])
     await store.commit_delete(sid)
     await store.record_delivery(ALICE, "D2", "s10", [sid])
@@ -103,7 +103,7 @@ async def test_acknowledgement_by_delivery_and_tombstone_cleanup(store: Store) -
     assert not store.has_pending(ALICE, "D3")
 
 
-async def test_acknowledgement_by_get(store: Store) -> None:
+async def test_acknowledgement_by_get(store: SqlStore) -> None:
     g = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
     r = await store.begin_delete(ALICE, ROOM, "a", "D1", ["D1", "D2"])
     await store.commit_delete(g)
@@ -112,7 +112,7 @@ async def test_acknowledgement_by_get(store: Store) -> None:
     assert await store.pending_for_device(ALICE, "D2") == [PendingDelete(g, None, "a")]
 
 
-async def test_revive_drops_tombstone_and_rows(store: Store) -> None:
+async def test_revive_drops_tombstone_and_rows(store: SqlStore) -> None:
     sid = await store.begin_delete(ALICE, ROOM, "a", "D1", ["D1", "D2"])
     await store.commit_delete(sid)
     await store.revive(ALICE, ROOM, "a")
@@ -120,7 +120,7 @@ async def test_revive_drops_tombstone_and_rows(store: Store) -> None:
     assert await store.tombstones() == []
 
 
-async def test_device_removal(store: Store) -> None:
+async def test_device_removal(store: SqlStore) -> None:
     sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "D3"])
     await store.commit_delete(sid)
     await store.remove_devices(ALICE, ["D2"])
@@ -130,7 +130,7 @@ async def test_device_removal(store: Store) -> None:
     assert await store.tombstones() == []
 
 
-async def test_devices_the_homeserver_no_longer_lists_are_dropped(store: Store) -> None:
+async def test_devices_the_homeserver_no_longer_lists_are_dropped(store: SqlStore) -> None:
     first = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "GONE"])
     await store.commit_delete(first)
     second = await store.begin_delete(ALICE, None, "b", "D1", ["D1", "D2"])
@@ -140,14 +140,14 @@ async def test_devices_the_homeserver_no_longer_lists_are_dropped(store: Store) 
 
 async def test_state_survives_reopening(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
-    s = Store(path)
+    s = sqlite_store(path)
     await s.open()
     sid = await s.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
     await s.commit_delete(sid)
     pending = await s.begin_delete(ALICE, None, "b", "D1", ["D1", "D2"])
     await s.close()
 
-    again = Store(path)
+    again = sqlite_store(path)
     await again.open()
     assert again.has_pending(ALICE, "D2")
     assert await again.pending_for_device(ALICE, "D2") == [
@@ -164,7 +164,7 @@ async def test_a_store_from_a_newer_schema_is_refused(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
-    s = Store(path)
+    s = sqlite_store(path)
     with pytest.raises(StoreError, match="newer"):
         await s.open()
 
@@ -173,10 +173,10 @@ async def test_a_corrupt_file_is_a_store_error(tmp_path: Path) -> None:
     path = tmp_path / "bad.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError):
-        await Store(path).open()
+        await sqlite_store(path).open()
 
 
-async def test_commit_and_abort_are_idempotent(store: Store) -> None:
+async def test_commit_and_abort_are_idempotent(store: SqlStore) -> None:
     """Settling may be attempted more than once for one intent: a second commit (or an
     abort after the commit) must leave the committed delete alone."""
     sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "D3"])

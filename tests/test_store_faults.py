@@ -39,7 +39,7 @@ import pytest
 
 from proxy.app import CONTEXT
 from proxy.server import ProxyServer
-from proxy.store import SCHEMA_VERSION, Store
+from proxy.store import SCHEMA_VERSION, sqlite_store
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver
 from tests.store_check import snapshot, wait_for_store
@@ -215,7 +215,7 @@ async def test_a_read_only_store_fails_deletes_with_500_and_recovers_when_writab
     proxy: ProxyServer, hs: FakeHomeserver, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    db = proxy.app[CONTEXT].store.db
+    db = proxy.app[CONTEXT].store.db.connection
     delete = data_path(ALICE, f"{KIND}.1", MSC3391)
     await db.execute("PRAGMA query_only = 1")
 
@@ -292,12 +292,12 @@ async def test_a_write_cancelled_while_queued_leaves_the_store_writable(tmp_path
     cancellation; unless a ROLLBACK follows it, the connection stays inside that
     transaction and every later write fails ("cannot start a transaction within a
     transaction") until the proxy restarts."""
-    store = Store(tmp_path / "store.sqlite3")
+    store = sqlite_store(tmp_path / "store.sqlite3")
     await store.open()
     try:
         stream_id = await store.begin_delete(ALICE, None, KIND, "ALICE1", ["ALICE1", "ALICE2"])
         await store.commit_delete(stream_id)
-        busy = asyncio.ensure_future(store.db.execute(_BUSY))
+        busy = asyncio.ensure_future(store.db.connection.execute(_BUSY))
         await asyncio.sleep(0)  # the busy query is queued first
         write = asyncio.ensure_future(store.record_delivery(ALICE, "ALICE2", "s1", [stream_id]))
         await asyncio.sleep(0)  # the write's BEGIN is queued behind it
@@ -308,7 +308,7 @@ async def test_a_write_cancelled_while_queued_leaves_the_store_writable(tmp_path
 
         await store.record_delivery(ALICE, "ALICE2", "s2", [stream_id])
         assert await store.acknowledge_since(ALICE, "ALICE2", "s2") == 1
-        assert not store.db.in_transaction
+        assert not store.db.connection.in_transaction
     finally:
         await store.close()
 

@@ -1,0 +1,206 @@
+"""A delete, and a write that makes a deleted type live again: the store and the
+homeserver kept in step.
+
+A delete is a PUT of `{}` to the homeserver with the caller's own credentials,
+bracketed by an intent in the store:
+
+    begin_delete (tombstone 'pending' + one row per other device)
+    -> PUT {} upstream
+    -> commit_delete on 200 | abort_delete on a refusal | settle when unsure
+
+so a delete answered 200 is recorded, and a refused one leaves no trace. Writes of one
+`(user, room, type)` hold that type's lock, so the store follows the order in which the
+homeserver accepted them; each runs to its end even if its client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Coroutine
+from functools import partial
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from .context import Context
+from .errors import MatrixError, StoreUnavailable
+from .forward import UpstreamReply
+from .homeserver_calls import account_data_path, call_as, device_ids, nudge
+from .identity import Requester
+from .repairs import TypeKey
+
+T = TypeVar("T")
+
+
+def is_empty_object(raw: bytes) -> bool:
+    try:
+        return json.loads(raw) == {}
+    except ValueError:
+        return False
+
+
+async def settle_orphans(ctx: Context, request: web.Request, requester: Requester) -> None:
+    """Settle the deletes of this user that an earlier process (or a write whose outcome
+    stayed unknown) left open: every owned request of the user does this first."""
+    for stream_id in ctx.store.orphaned_intents(requester.user_id):
+        try:
+            await settle(ctx, request, requester, stream_id)
+        except StoreUnavailable:
+            break  # logged by the store; the intent waits for a later request
+
+
+async def delete(
+    ctx: Context, request: web.Request, requester: Requester, room_id: str | None, account_data_type: str
+) -> None:
+    """Delete, or raise the error to answer. Runs to completion even if the client
+    goes away, so the store and the homeserver never disagree because of a hang-up."""
+    await _to_completion(_delete(ctx, request, requester, room_id, account_data_type))
+
+
+async def write_content(
+    ctx: Context, request: web.Request, requester: Requester, key: TypeKey, raw: bytes
+) -> UpstreamReply:
+    """Forward the client's PUT of content (`raw`, not `{}`); see `_write_content`."""
+    return await _to_completion(_write_content(ctx, request, requester, key, raw))
+
+
+async def _write_content(
+    ctx: Context, request: web.Request, requester: Requester, key: TypeKey, raw: bytes
+) -> UpstreamReply:
+    """Forward a PUT of content; once the homeserver holds it, the type is live again
+    and no device needs to hear of an old delete of it. A store that fails after the
+    homeserver accepted does not turn the accepted write into an error: the revive is
+    queued and retried (`repairs.py`)."""
+    async with ctx.type_locks.hold(key):
+        reply = await ctx.upstream.exchange(request, body=raw)
+        # A settled tombstone always has rows: a user without any has none to drop, and
+        # the write does not depend on the store at all.
+        if reply.status == 200 and (ctx.store.has_rows(requester.user_id) or ctx.repairs.queued(key)):
+            await ctx.repairs.run_or_queue(key, partial(ctx.store.revive, *key), revive=True)
+        return reply
+
+
+async def _to_completion(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end even if the client goes away (its handler is cancelled):
+    a write the homeserver accepted is always followed by the store's part of it."""
+    return await asyncio.shield(asyncio.ensure_future(work))
+
+
+async def _delete(
+    ctx: Context, request: web.Request, requester: Requester, room_id: str | None, account_data_type: str
+) -> None:
+    user_id = requester.user_id
+    key = (user_id, room_id, account_data_type)
+    path = account_data_path(user_id, room_id, account_data_type)
+    async with ctx.type_locks.hold(key):
+        # A store write of this type still queued from a fault comes first; if the
+        # store still fails, so would this delete's, before anything reaches the homeserver.
+        await ctx.repairs.flush(key)
+        current = await call_as(ctx, request, requester, "GET", path)
+        if current.status == 404 or (current.status == 200 and is_empty_object(current.body)):
+            # Never set, or deleted already: as in Synapse, the homeserver is not written
+            # and no other device is told again. The device that asked is: a client
+            # deleting with `PUT {}` waits for the deletion to come back over its sync
+            # (matrix-js-sdk 43 waits for ever).
+            await _echo_to_the_deleting_device(ctx, request, requester, key)
+            return
+        if current.status != 200:
+            # Whether there is anything to delete is unknown: the homeserver's error
+            # goes back rather than a guess (a `{}` written for a type never set).
+            raise current.refusal("the read")
+        devices = await device_ids(ctx, request, requester)
+        stream_id = await ctx.store.begin_delete(
+            user_id, room_id, account_data_type, requester.device_id, devices
+        )
+        try:
+            reply = await call_as(ctx, request, requester, "PUT", path, {})
+        except MatrixError:
+            # 502/504: the write may or may not have landed. Ask, rather than guess.
+            if await _settle_held(ctx, request, requester, stream_id) is True:
+                return
+            raise
+        except BaseException:
+            # Cancelled at shutdown, or a bug: whether the write landed is unknown, so
+            # the intent stays for the user's next request (or the next start) to settle.
+            ctx.store.mark_orphaned(user_id, stream_id)
+            raise
+        if reply.status >= 500:
+            # The homeserver failed while handling the write, perhaps after storing it.
+            if await _settle_held(ctx, request, requester, stream_id) is True:
+                return
+            raise reply.refusal("the write")
+        if reply.status != 200:
+            await _abort(ctx, key, stream_id)
+            raise reply.refusal("the write")
+        await _commit(ctx, key, stream_id)
+
+
+async def _echo_to_the_deleting_device(
+    ctx: Context, request: web.Request, requester: Requester, key: TypeKey
+) -> None:
+    """A row for the deleting device alone, delivered by its next sync like any other;
+    the nudge wakes that sync if it is waiting at the homeserver, where nothing changed."""
+    if requester.device_id is None:
+        return  # an appservice acting as a user without a device: there is no sync to tell
+    await ctx.store.echo_delete(*key, requester.device_id)
+    await nudge(ctx, request, requester)
+
+
+async def _commit(ctx: Context, key: TypeKey, stream_id: int) -> None:
+    """The homeserver holds the delete: so must the store. If the store fails now (a
+    full disk), the delete still happened and is answered 200: its intent is on disk
+    already, and the commit is retried until the store takes it."""
+    await ctx.repairs.run_or_queue(key, partial(ctx.store.commit_delete, stream_id))
+    ctx.metrics.deletes.labels("global" if key[1] is None else "room").inc()
+
+
+async def _abort(ctx: Context, key: TypeKey, stream_id: int) -> None:
+    """The homeserver refused the write: the intent goes (now, or once the store takes it)."""
+    await ctx.repairs.run_or_queue(key, partial(ctx.store.abort_delete, stream_id))
+
+
+async def settle(ctx: Context, request: web.Request, requester: Requester, stream_id: int) -> bool | None:
+    """Settle a delete whose homeserver write has an unknown outcome by reading the
+    type back: `{}` means it landed (commit), anything else that it did not (abort).
+    Returns None, leaving the intent for a later request, if the homeserver cannot say
+    (or it is settled already).
+
+    Several requests of the user may try at once (a retried DELETE beside a sync
+    loop): each settles under the type's lock, and only an intent still pending."""
+    tombstone = await ctx.store.tombstone(stream_id)
+    if tombstone is None or tombstone.state != "pending":
+        return None
+    async with ctx.type_locks.hold((tombstone.user_id, tombstone.room_id, tombstone.account_data_type)):
+        return await _settle_held(ctx, request, requester, stream_id)
+
+
+async def _settle_held(
+    ctx: Context, request: web.Request, requester: Requester, stream_id: int
+) -> bool | None:
+    """`settle`, for a caller that holds the type's lock already."""
+    tombstone = await ctx.store.tombstone(stream_id)
+    if tombstone is None or tombstone.state != "pending":
+        return None  # settled by another request while this one waited for the lock
+    try:
+        reply = await call_as(
+            ctx,
+            request,
+            requester,
+            "GET",
+            account_data_path(tombstone.user_id, tombstone.room_id, tombstone.account_data_type),
+        )
+    except MatrixError:
+        ctx.store.mark_orphaned(tombstone.user_id, stream_id)
+        return None
+    key = (tombstone.user_id, tombstone.room_id, tombstone.account_data_type)
+    if reply.status == 200 and is_empty_object(reply.body):
+        await _commit(ctx, key, stream_id)
+        return True
+    if reply.status in (200, 404):
+        await _abort(ctx, key, stream_id)
+        return False
+    ctx.store.mark_orphaned(tombstone.user_id, stream_id)
+    return None
+
+

@@ -1,0 +1,92 @@
+"""What the store keeps in memory so that most requests never query it.
+
+`/sync` of a device with nothing to learn takes the fast path on `has_pending` alone, so
+the index must never say "nothing pending" for a device that has a row. It is kept true
+by the store's own writes (each refreshes its user); a change made elsewhere (another
+instance on a shared database) is announced with `invalidate`, after which the index
+answers "maybe" (True) for that user until the store has read the user's rows again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class PendingIndex:
+    def __init__(self) -> None:
+        # user_id -> devices that have at least one row (of any tombstone state).
+        self._devices: dict[str, frozenset[str]] = {}
+        # Users whose entry may be out of date; `None` in place of the set: all of them.
+        self._stale: set[str] | None = set()
+        # user_id -> stream_ids of deletes whose outcome is unknown (left 'pending' by an
+        # earlier process, or by a homeserver write that could not be settled).
+        self._orphaned: dict[str, list[int]] = {}
+
+    # --- questions ----------------------------------------------------------------------
+
+    def is_stale(self, user_id: str) -> bool:
+        return self._stale is None or user_id in self._stale
+
+    def has_pending(self, user_id: str, device_id: str | None) -> bool:
+        if self.is_stale(user_id):
+            return True  # unknown: take the slow path, which reads the rows
+        devices = self._devices.get(user_id)
+        return devices is not None and device_id in devices
+
+    def has_rows(self, user_id: str) -> bool:
+        return self.is_stale(user_id) or user_id in self._devices
+
+    def devices_of(self, user_id: str) -> frozenset[str]:
+        return self._devices.get(user_id, frozenset())
+
+    def devices_pending(self) -> int:
+        return sum(map(len, self._devices.values()))
+
+    def orphaned(self, user_id: str) -> list[int]:
+        return list(self._orphaned.get(user_id, ()))
+
+    def orphan_count(self) -> int:
+        return sum(map(len, self._orphaned.values()))
+
+    # --- what the store learnt ----------------------------------------------------------
+
+    def set_devices(self, user_id: str, devices: Iterable[str]) -> None:
+        found = frozenset(devices)
+        if found:
+            self._devices[user_id] = found
+        else:
+            self._devices.pop(user_id, None)
+        if self._stale is not None:
+            self._stale.discard(user_id)
+
+    def load(self, rows: Iterable[tuple[str, str]], orphans: Iterable[tuple[str, int]]) -> None:
+        """Everything, from (user, device) pairs with rows and (user, stream_id) intents."""
+        devices: dict[str, set[str]] = {}
+        for user_id, device_id in rows:
+            devices.setdefault(user_id, set()).add(device_id)
+        self._devices = {user: frozenset(found) for user, found in devices.items()}
+        self._orphaned = {}
+        for user_id, stream_id in orphans:
+            self._orphaned.setdefault(user_id, []).append(stream_id)
+        self._stale = set()
+
+    def mark_orphaned(self, user_id: str, stream_id: int) -> None:
+        intents = self._orphaned.setdefault(user_id, [])
+        if stream_id not in intents:
+            intents.append(stream_id)
+
+    def forget_intent(self, user_id: str, stream_id: int) -> None:
+        intents = self._orphaned.get(user_id)
+        if intents and stream_id in intents:
+            intents.remove(stream_id)
+            if not intents:
+                del self._orphaned[user_id]
+
+    # --- changes made elsewhere -----------------------------------------------------------
+
+    def invalidate(self, user_id: str) -> None:
+        if self._stale is not None:
+            self._stale.add(user_id)
+
+    def invalidate_all(self) -> None:
+        self._stale = None

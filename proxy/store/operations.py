@@ -1,0 +1,368 @@
+"""The store's operations, in SQL that every backend speaks (the store's domain layer).
+
+A delete is an intent first (`begin_delete`: a 'pending' tombstone and one row per
+device that has to learn of it), then either committed once the homeserver holds it
+(replacing any earlier delete of the type) or aborted without a trace. Rows go when
+their device proves receipt, and a settled tombstone goes with its last row.
+
+Statements use `?` placeholders; a backend translates them if its driver wants others.
+Every write refreshes the in-memory index of its user within the same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+from ..records import PendingDelete, Tombstone, UnsyncedRow
+from .indexes import PendingIndex
+
+log = logging.getLogger("proxy.store")
+
+Statement = tuple[str, Sequence[object]]
+
+
+class Transaction(Protocol):
+    async def execute(self, sql: str, args: Sequence[object] = ()) -> None: ...
+    async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None: ...
+    async def fetchall(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]: ...
+    async def fetchone(self, sql: str, args: Sequence[object] = ()) -> tuple[Any, ...] | None: ...
+
+
+class Database(Protocol):
+    # Called (under the database's lock) when the database had to be opened afresh.
+    on_reopen: Callable[[Transaction], Awaitable[None]] | None
+
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]: ...
+    def reading(self) -> AbstractAsyncContextManager[Transaction]: ...
+    async def open(self, *, exclusive: bool = True) -> None: ...
+    async def close(self) -> None: ...
+    def problem(self) -> str | None: ...
+
+
+_SAME_TYPE = "user_id = ? AND COALESCE(room_id, '') = COALESCE(?, '') AND account_data_type = ?"
+_TOMBSTONE = "SELECT stream_id, user_id, room_id, account_data_type, state FROM account_data_tombstones"
+_INSERT_ROW = (
+    "INSERT INTO account_data_unsynced_deletes (stream_id, user_id, account_data_type, room_id, device_id)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+
+
+def _remove_tombstones(where: str, args: Sequence[object]) -> list[Statement]:
+    selected = f"SELECT stream_id FROM account_data_tombstones WHERE {where}"
+    return [
+        (f"DELETE FROM sync_deliveries WHERE stream_id IN ({selected})", args),
+        (f"DELETE FROM account_data_unsynced_deletes WHERE stream_id IN ({selected})", args),
+        (f"DELETE FROM account_data_tombstones WHERE {where}", args),
+    ]
+
+
+def _drop_seen_tombstones(user_id: str) -> Statement:
+    """A settled delete that every device has seen needs no tombstone."""
+    return (
+        "DELETE FROM account_data_tombstones WHERE user_id = ? AND state = 'done'"
+        " AND NOT EXISTS (SELECT 1 FROM account_data_unsynced_deletes u"
+        " WHERE u.stream_id = account_data_tombstones.stream_id)",
+        (user_id,),
+    )
+
+
+def _forget_devices(user_id: str, device_ids: Iterable[str]) -> list[Statement]:
+    statements: list[Statement] = []
+    for device in device_ids:
+        statements += [
+            ("DELETE FROM sync_deliveries WHERE user_id = ? AND device_id = ?", (user_id, device)),
+            (
+                "DELETE FROM account_data_unsynced_deletes WHERE user_id = ? AND device_id = ?",
+                (user_id, device),
+            ),
+        ]
+    return [*statements, _drop_seen_tombstones(user_id)] if statements else []
+
+
+async def _run(tx: Transaction, statements: Iterable[Statement]) -> None:
+    for sql, args in statements:
+        await tx.execute(sql, args)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class SqlStore:
+    """A `DeletionStore` on any `Database` (see `model.DeletionStore` for the contract)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.index = PendingIndex()
+        db.on_reopen = self._load
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def open(self, *, exclusive: bool = True) -> None:
+        await self.db.open(exclusive=exclusive)
+        async with self.db.reading() as tx:
+            await self._load(tx)
+        if orphans := self.index.orphan_count():
+            log.warning("%d interrupted deletes will be settled on their users' next requests", orphans)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    def problem(self) -> str | None:
+        return self.db.problem()
+
+    async def _load(self, tx: Transaction) -> None:
+        rows = await tx.fetchall("SELECT DISTINCT user_id, device_id FROM account_data_unsynced_deletes")
+        orphans = await tx.fetchall(
+            "SELECT user_id, stream_id FROM account_data_tombstones WHERE state = 'pending'"
+        )
+        self.index.load(rows, orphans)  # type: ignore[arg-type]
+
+    async def _refresh(self, tx: Transaction, user_id: str) -> None:
+        rows = await tx.fetchall(
+            "SELECT DISTINCT device_id FROM account_data_unsynced_deletes WHERE user_id = ?", (user_id,)
+        )
+        self.index.set_devices(user_id, (row[0] for row in rows))
+
+    # --- in memory ------------------------------------------------------------------------
+
+    def has_pending(self, user_id: str, device_id: str | None) -> bool:
+        return self.index.has_pending(user_id, device_id)
+
+    def has_rows(self, user_id: str) -> bool:
+        return self.index.has_rows(user_id)
+
+    def devices_pending(self) -> int:
+        return self.index.devices_pending()
+
+    def orphaned_intents(self, user_id: str) -> list[int]:
+        return self.index.orphaned(user_id)
+
+    def mark_orphaned(self, user_id: str, stream_id: int) -> None:
+        self.index.mark_orphaned(user_id, stream_id)
+
+    # --- deletes and revives --------------------------------------------------------------
+
+    async def begin_delete(
+        self,
+        user_id: str,
+        room_id: str | None,
+        account_data_type: str,
+        deleting_device: str | None,
+        devices: Sequence[str],
+    ) -> int:
+        vanished = sorted(self.index.devices_of(user_id) - set(devices))
+        async with self.db.transaction() as tx:
+            found = await tx.fetchone(
+                "INSERT INTO account_data_tombstones (user_id, room_id, account_data_type, state, created_ts)"
+                " VALUES (?, ?, ?, 'pending', ?) RETURNING stream_id",
+                (user_id, room_id, account_data_type, _now_ms()),
+            )
+            assert found is not None
+            stream_id = int(found[0])
+            await tx.executemany(
+                _INSERT_ROW,
+                [
+                    (stream_id, user_id, account_data_type, room_id, device)
+                    for device in sorted(set(devices))
+                    if device != deleting_device
+                ],
+            )
+            await _run(tx, _forget_devices(user_id, vanished))
+            await self._refresh(tx, user_id)
+        return stream_id
+
+    async def commit_delete(self, stream_id: int) -> None:
+        async with self.db.transaction() as tx:
+            row = await self._tombstone(tx, stream_id)
+            if row is None or row.state != "pending":
+                # Settled already (by a concurrent request, say): a second commit would
+                # remove the delete itself as an "earlier" one of its type.
+                return
+            key = (row.user_id, row.room_id, row.account_data_type)
+            await _run(tx, _remove_tombstones(_SAME_TYPE + " AND state = 'done'", key))
+            await tx.execute(
+                "UPDATE account_data_tombstones SET state = 'done' WHERE stream_id = ?", (stream_id,)
+            )
+            await _run(tx, [_drop_seen_tombstones(row.user_id)])
+            await self._refresh(tx, row.user_id)
+        self.index.forget_intent(row.user_id, stream_id)
+
+    async def abort_delete(self, stream_id: int) -> None:
+        async with self.db.transaction() as tx:
+            row = await self._tombstone(tx, stream_id)
+            if row is None or row.state != "pending":
+                return  # a committed delete is never undone by a late abort
+            await _run(tx, _remove_tombstones("stream_id = ?", (stream_id,)))
+            await self._refresh(tx, row.user_id)
+        self.index.forget_intent(row.user_id, stream_id)
+
+    async def echo_delete(
+        self, user_id: str, room_id: str | None, account_data_type: str, device_id: str
+    ) -> int:
+        key = (user_id, room_id, account_data_type)
+        async with self.db.transaction() as tx:
+            found = await tx.fetchone(
+                f"SELECT stream_id FROM account_data_tombstones WHERE {_SAME_TYPE} AND state = 'done'", key
+            )
+            if found is None:
+                found = await tx.fetchone(
+                    "INSERT INTO account_data_tombstones"
+                    " (user_id, room_id, account_data_type, state, created_ts)"
+                    " VALUES (?, ?, ?, 'done', ?) RETURNING stream_id",
+                    (*key, _now_ms()),
+                )
+                assert found is not None
+            stream_id = int(found[0])
+            await tx.execute(_INSERT_ROW, (stream_id, user_id, account_data_type, room_id, device_id))
+            await self._refresh(tx, user_id)
+        return stream_id
+
+    async def revive(self, user_id: str, room_id: str | None, account_data_type: str) -> None:
+        async with self.db.transaction() as tx:
+            await _run(
+                tx,
+                _remove_tombstones(_SAME_TYPE + " AND state = 'done'", (user_id, room_id, account_data_type)),
+            )
+            await self._refresh(tx, user_id)
+
+    async def tombstone(self, stream_id: int) -> Tombstone | None:
+        async with self.db.reading() as tx:
+            return await self._tombstone(tx, stream_id)
+
+    @staticmethod
+    async def _tombstone(tx: Transaction, stream_id: int) -> Tombstone | None:
+        row = await tx.fetchone(_TOMBSTONE + " WHERE stream_id = ?", (stream_id,))
+        return Tombstone(*row) if row else None
+
+    # --- what a device has to learn, and its proofs of receipt ------------------------------
+
+    async def pending_for_device(self, user_id: str, device_id: str) -> list[PendingDelete]:
+        if not self.has_pending(user_id, device_id):
+            return []
+        async with self.db.reading() as tx:
+            rows = await tx.fetchall(
+                "SELECT u.stream_id, u.room_id, u.account_data_type, t.state = 'done'"
+                " FROM account_data_unsynced_deletes u"
+                " JOIN account_data_tombstones t ON t.stream_id = u.stream_id"
+                " WHERE u.user_id = ? AND u.device_id = ?"
+                " ORDER BY u.stream_id",
+                (user_id, device_id),
+            )
+        return [PendingDelete(s, room, kind, bool(settled)) for s, room, kind, settled in rows]
+
+    async def record_delivery(
+        self, user_id: str, device_id: str, next_batch: str, stream_ids: Iterable[int]
+    ) -> None:
+        # Only deletes the device still waits for: one revived or acknowledged since the
+        # response was built has nothing left to acknowledge, and a record of it would
+        # never be removed.
+        rows = [(user_id, device_id, next_batch, s, user_id, device_id) for s in sorted(set(stream_ids))]
+        if not rows:
+            return
+        async with self.db.transaction() as tx:
+            await tx.executemany(
+                "INSERT INTO sync_deliveries (user_id, device_id, next_batch, stream_id)"
+                " SELECT ?, ?, ?, stream_id FROM account_data_unsynced_deletes"
+                " WHERE stream_id = ? AND user_id = ? AND device_id = ? ON CONFLICT DO NOTHING",
+                rows,
+            )
+
+    async def acknowledge_since(self, user_id: str, device_id: str, since: str) -> int:
+        if not self.has_pending(user_id, device_id):
+            return 0
+        delivered = (
+            "SELECT stream_id FROM sync_deliveries WHERE user_id = ? AND device_id = ? AND next_batch = ?"
+        )
+        return await self._acknowledge(
+            user_id,
+            f"user_id = ? AND device_id = ? AND stream_id IN ({delivered})",
+            (user_id, device_id, user_id, device_id, since),
+        )
+
+    async def acknowledge_type(
+        self, user_id: str, device_id: str, room_id: str | None, account_data_type: str
+    ) -> int:
+        if not self.has_pending(user_id, device_id):
+            return 0
+        return await self._acknowledge(
+            user_id,
+            "device_id = ? AND " + _SAME_TYPE + " AND stream_id IN"
+            " (SELECT stream_id FROM account_data_tombstones WHERE state = 'done')",
+            (device_id, user_id, room_id, account_data_type),
+        )
+
+    async def acknowledge_stream_ids(self, user_id: str, device_id: str, stream_ids: Sequence[int]) -> int:
+        if not stream_ids or not self.has_pending(user_id, device_id):
+            return 0
+        marks = ", ".join("?" * len(stream_ids))
+        return await self._acknowledge(
+            user_id,
+            f"user_id = ? AND device_id = ? AND stream_id IN ({marks})",
+            (user_id, device_id, *stream_ids),
+        )
+
+    async def _acknowledge(self, user_id: str, where: str, args: Sequence[object]) -> int:
+        async with self.db.transaction() as tx:
+            gone = await tx.fetchall(
+                f"DELETE FROM account_data_unsynced_deletes WHERE {where} RETURNING stream_id, device_id",
+                args,
+            )
+            await tx.executemany(
+                "DELETE FROM sync_deliveries WHERE user_id = ? AND device_id = ? AND stream_id = ?",
+                [(user_id, device, stream_id) for stream_id, device in gone],
+            )
+            await _run(tx, [_drop_seen_tombstones(user_id)])
+            await self._refresh(tx, user_id)
+        return len(gone)
+
+    # --- devices and accounts that are gone ---------------------------------------------------
+
+    async def remove_devices(self, user_id: str, device_ids: Iterable[str]) -> None:
+        statements = _forget_devices(user_id, sorted(set(device_ids)))
+        if not statements:
+            return
+        async with self.db.transaction() as tx:
+            await _run(tx, statements)
+            await self._refresh(tx, user_id)
+
+    async def keep_only_devices(self, user_id: str, device_ids: Iterable[str]) -> None:
+        await self.remove_devices(user_id, self.index.devices_of(user_id) - set(device_ids))
+
+    async def remove_all_devices(self, user_id: str) -> None:
+        async with self.db.transaction() as tx:
+            await tx.execute("DELETE FROM sync_deliveries WHERE user_id = ?", (user_id,))
+            await tx.execute("DELETE FROM account_data_unsynced_deletes WHERE user_id = ?", (user_id,))
+            await _run(tx, [_drop_seen_tombstones(user_id)])
+            await self._refresh(tx, user_id)
+
+    # --- inspection -----------------------------------------------------------------------------
+
+    async def counts(self) -> tuple[int, int]:
+        async with self.db.reading() as tx:
+            row = await tx.fetchone(
+                "SELECT (SELECT COUNT(*) FROM account_data_unsynced_deletes),"
+                " (SELECT COUNT(*) FROM account_data_tombstones)"
+            )
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    async def unsynced_rows(self, user_id: str | None = None) -> list[UnsyncedRow]:
+        sql = (
+            "SELECT stream_id, user_id, account_data_type, room_id, device_id"
+            " FROM account_data_unsynced_deletes"
+        )
+        where, args = (" WHERE user_id = ?", (user_id,)) if user_id is not None else ("", ())
+        async with self.db.reading() as tx:
+            rows = await tx.fetchall(sql + where + " ORDER BY stream_id, device_id", args)
+        return [UnsyncedRow(*row) for row in rows]
+
+    async def tombstones(self, user_id: str | None = None) -> list[Tombstone]:
+        where, args = (" WHERE user_id = ?", (user_id,)) if user_id is not None else ("", ())
+        async with self.db.reading() as tx:
+            rows = await tx.fetchall(_TOMBSTONE + where + " ORDER BY stream_id", args)
+        return [Tombstone(*row) for row in rows]
