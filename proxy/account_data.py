@@ -50,22 +50,26 @@ def _check_own(requester: Requester, user_id: str, verb: str) -> None:
         raise MatrixError(403, M_FORBIDDEN, f"Cannot {verb} account data for other users.")
 
 
-async def delete(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+async def _target(
+    ctx: Context, request: web.Request, params: dict[str, str], verb: str
+) -> tuple[Requester, str | None, str]:
+    """The caller and the (room, type) the path names, after Synapse's first checks."""
     requester = await caller(ctx, request)
-    _check_own(requester, params["user_id"], "delete")
+    _check_own(requester, params["user_id"], verb)
     room_id = params.get("room_id")
     _check_room_id(room_id)
-    _check_can_set(params["account_data_type"])
-    await delete_account_data(ctx, request, requester, room_id, params["account_data_type"])
+    return requester, room_id, params["account_data_type"]
+
+
+async def delete(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+    requester, room_id, account_data_type = await _target(ctx, request, params, "delete")
+    _check_can_set(account_data_type)
+    await delete_account_data(ctx, request, requester, room_id, account_data_type)
     return json_response({})
 
 
 async def put(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
-    requester = await caller(ctx, request)
-    _check_own(requester, params["user_id"], "add")
-    room_id = params.get("room_id")
-    account_data_type = params["account_data_type"]
-    _check_room_id(room_id)
+    requester, room_id, account_data_type = await _target(ctx, request, params, "add")
     _check_can_set(account_data_type)
     raw = await read_body(ctx, request)
     if parse_json_object(raw) == {}:
@@ -76,11 +80,7 @@ async def put(ctx: Context, request: web.Request, params: dict[str, str]) -> web
 
 
 async def get(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
-    requester = await caller(ctx, request)
-    _check_own(requester, params["user_id"], "get")
-    room_id = params.get("room_id")
-    account_data_type = params["account_data_type"]
-    _check_room_id(room_id)
+    requester, room_id, account_data_type = await _target(ctx, request, params, "get")
     # HEAD is served as GET (Synapse does the same), so a deleted type is 404 for both;
     # aiohttp leaves the body out of the answer to a HEAD.
     async with ctx.upstream.open(request, method="GET", headers={"Accept-Encoding": "identity"}) as upstream:

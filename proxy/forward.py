@@ -96,6 +96,22 @@ class UpstreamReply:
         return upstream_refusal(self.status, self.body, headers, what)
 
 
+@asynccontextmanager
+async def transport_errors() -> AsyncIterator[None]:
+    """Map transport failures to the Matrix errors a client expects of a gateway."""
+    try:
+        yield
+    except TimeoutError:
+        raise gateway_timeout() from None
+    except aiohttp.ClientResponseError as e:
+        # The homeserver's answer could not be parsed as HTTP.
+        log.warning("bad response from the homeserver: %s", e.message)
+        raise bad_gateway("The homeserver sent an invalid response") from None
+    except aiohttp.ClientError as e:
+        log.warning("homeserver unreachable: %s", type(e).__name__)
+        raise bad_gateway() from None
+
+
 class Upstream:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self._config = config
@@ -204,7 +220,7 @@ class Upstream:
             data = None
         started = time.monotonic()
         try:
-            async with self.upstream_errors():
+            async with transport_errors():
                 async with self.session.request(
                     method or request.method,
                     self.url_for(request.raw_path),
@@ -243,7 +259,7 @@ class Upstream:
         headers = end_to_end(upstream.headers, drop=(hdrs.CONTENT_LENGTH,))
         length = upstream.content_length
         if length is not None and length <= _WHOLE_BODY_LIMIT and request.method != "HEAD":
-            async with self.upstream_errors():
+            async with transport_errors():
                 body = prefix + await upstream.read()
             return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
 
@@ -273,14 +289,14 @@ class Upstream:
         return response
 
     async def read_whole(self, upstream: aiohttp.ClientResponse) -> bytes:
-        async with self.upstream_errors():
+        async with transport_errors():
             return await upstream.read()
 
     async def read_prefix(self, upstream: aiohttp.ClientResponse, size: int) -> tuple[bytes, bool]:
         """Read at most `size` bytes; returns them and whether that was the whole body."""
         chunks: list[bytes] = []
         got = 0
-        async with self.upstream_errors():
+        async with transport_errors():
             while got < size:
                 chunk = await upstream.content.read(size - got)
                 if not chunk:
@@ -322,7 +338,7 @@ class Upstream:
         url = self.url_for(path)
         if params:
             url = url.update_query(params)
-        async with self.upstream_errors():
+        async with transport_errors():
             async with self.session.request(
                 method,
                 url,
@@ -335,20 +351,6 @@ class Upstream:
                 self.homeserver_headers.learn(response.headers)
                 return UpstreamReply(response.status, body, response.headers, response.reason)
 
-    @asynccontextmanager
-    async def upstream_errors(self) -> AsyncIterator[None]:
-        """Map transport failures to the Matrix errors a client expects of a gateway."""
-        try:
-            yield
-        except TimeoutError:
-            raise gateway_timeout() from None
-        except aiohttp.ClientResponseError as e:
-            # The homeserver's answer could not be parsed as HTTP.
-            log.warning("bad response from the homeserver: %s", e.message)
-            raise bad_gateway("The homeserver sent an invalid response") from None
-        except aiohttp.ClientError as e:
-            log.warning("homeserver unreachable: %s", type(e).__name__)
-            raise bad_gateway() from None
 
 
 class Answer(Protocol):

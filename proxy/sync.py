@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -94,79 +95,74 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
         p for p in pending if not ctx.repairs.reviving(requester.user_id, p.room_id, p.account_data_type)
     ]
     with gc_paused():
-        return await _rewrite(ctx, request, requester, upstream, raw, plain, pending, since, full_state)
+        job = _Rewrite(ctx, request, requester, pending, since, full_state)
+        return await _rewrite(job, upstream, raw, plain)
+
+
+@dataclass(frozen=True)
+class _Rewrite:
+    """One sync being rewritten for one device: the request and what the device has to learn."""
+
+    ctx: Context
+    request: web.Request
+    requester: Requester
+    pending: list[PendingDelete]
+    since: str | None
+    full_state: bool
 
 
 async def _rewrite(
-    ctx: Context,
-    request: web.Request,
-    requester: Requester,
-    upstream: Answer,
-    raw: bytes,
-    plain: bytes,
-    pending: list[PendingDelete],
-    since: str | None,
-    full_state: bool,
-    *,
-    nudged: bool = False,
+    job: _Rewrite, upstream: Answer, raw: bytes, plain: bytes, *, nudged: bool = False
 ) -> web.StreamResponse:
-    """Parse, rewrite, record and answer; every reference to the parsed tree is gone
-    when this returns (see `sync_bodies.gc_paused`). `upstream`: the homeserver's answer (its
-    status, reason and headers); `nudged`: this is the answer to `_with_a_new_token`."""
-    device_id = requester.device_id
-    incremental = bool(since)
-    body = await off_loop(len(plain), lambda: parse(plain))
-    sync_filter, joined = await _injection_context(ctx, request, requester, body, pending, incremental)
-    if joined is not None:
-        pending = await _forget_unreachable(ctx, requester, body, pending, joined)
+    """Parse, rewrite, record and answer. `upstream`: the homeserver's answer (its status,
+    reason and headers), `raw` its body and `plain` that body decoded; `nudged`: this is
+    the answer to `_with_a_new_token`."""
+    out, delivered, next_batch = await _rewritten(job, plain)
+    device_id = job.requester.device_id
+    if delivered and device_id is not None and next_batch == job.since and not nudged:
+        # The homeserver handed back the request's own `since` (nothing changed on its
+        # side): the next request will send that token again whether this answer
+        # arrives or is lost, so it could prove nothing, and a delivery recorded
+        # against it would be acknowledged by a retry. Make the token move instead.
+        again = await _with_a_new_token(job.ctx, job.request, job.requester)
+        if again is not None:
+            again_plain = decode_body(again.body, again.headers.get("Content-Encoding"))
+            return await _rewrite(job, again, again.body, again_plain, nudged=True)
+    # Recorded before the response leaves: if it arrives, the proof can be checked. (If
+    # the token still did not move, nothing is recorded: the rows stay, and the next
+    # answer tells the device again.)
+    if delivered and device_id is not None and isinstance(next_batch, str) and next_batch != job.since:
+        recording = job.ctx.store.record_delivery(job.requester.user_id, device_id, next_batch, delivered)
+        await _best_effort(recording, None)
+    if out is None:
+        return body_response(upstream, raw, decoded=False)
+    return body_response(upstream, out, decoded=True)
 
+
+async def _rewritten(job: _Rewrite, plain: bytes) -> tuple[bytes | None, frozenset[int], Any]:
+    """(the new body or None if unchanged, the deletes it delivers, its `next_batch`).
+    Every reference to the parsed tree is gone when this returns (see
+    `sync_bodies.gc_paused`)."""
+    ctx, incremental = job.ctx, bool(job.since)
+    body = await off_loop(len(plain), lambda: parse(plain))
+    pending = job.pending
+    sync_filter, joined = await _injection_context(job, body)
+    if joined is not None:
+        pending = await _forget_unreachable(job, body, joined)
     work = partial(
         _rewrite_and_dump,
         body,
         incremental=incremental,
-        full_state=full_state,
+        full_state=job.full_state,
         pending=pending,
         sync_filter=sync_filter,
         joined_rooms=joined or frozenset(),
     )
     out, result = await off_loop(len(plain), work)
-    del work
-    delivered = result.delivered
     ctx.metrics.injected.inc(result.injected)
     if out is not None and result.injected == 0:
         ctx.metrics.stripped.inc()
-    next_batch = body.get("next_batch")
-    del body, result
-    if delivered and device_id is not None and next_batch == since and not nudged:
-        # The homeserver handed back the request's own `since` (nothing changed on its
-        # side): the next request will send that token again whether this answer
-        # arrives or is lost, so it could prove nothing, and a delivery recorded
-        # against it would be acknowledged by a retry. Make the token move instead.
-        again = await _with_a_new_token(ctx, request, requester)
-        if again is not None:
-            again_plain = decode_body(again.body, again.headers.get("Content-Encoding"))
-            return await _rewrite(
-                ctx,
-                request,
-                requester,
-                again,
-                again.body,
-                again_plain,
-                pending,
-                since,
-                full_state,
-                nudged=True,
-            )
-    # Recorded before the response leaves: if it arrives, the proof can be checked. (If
-    # the token still did not move, nothing is recorded: the rows stay, and the next
-    # answer tells the device again.)
-    if delivered and device_id is not None and isinstance(next_batch, str) and next_batch != since:
-        await _best_effort(
-            ctx.store.record_delivery(requester.user_id, device_id, next_batch, delivered), None
-        )
-    if out is None:
-        return body_response(upstream, raw, decoded=False)
-    return body_response(upstream, out, decoded=True)
+    return out, result.delivered, body.get("next_batch")
 
 
 async def _with_a_new_token(ctx: Context, request: web.Request, requester: Requester) -> UpstreamReply | None:
@@ -213,49 +209,37 @@ async def _sweep_vanished_devices(ctx: Context, request: web.Request, requester:
     await ctx.store.keep_only_devices(user_id, devices)
 
 
-async def _injection_context(
-    ctx: Context,
-    request: web.Request,
-    requester: Requester,
-    body: dict[str, Any],
-    pending: list[PendingDelete],
-    incremental: bool,
-) -> tuple[SyncFilter, frozenset[str] | None]:
+async def _injection_context(job: _Rewrite, body: dict[str, Any]) -> tuple[SyncFilter, frozenset[str] | None]:
     """The filter and joined rooms an injection needs; fetched only when it does
     (joined rooms: None when not fetched, or when the homeserver could not say)."""
-    if not incremental or not pending:
+    if not job.since or not job.pending:
         return NO_FILTER, None
-    fetch = partial(call_as, ctx, request, requester, "GET")
-    sync_filter = await ctx.filters.get(requester.user_id, request.query.get("filter"), fetch)
+    fetch = partial(call_as, job.ctx, job.request, job.requester, "GET")
+    sync_filter = await job.ctx.filters.get(job.requester.user_id, job.request.query.get("filter"), fetch)
     joined = None
-    if rooms_to_place(body, pending):
-        joined = await joined_rooms(ctx, request, requester)
+    if rooms_to_place(body, job.pending):
+        joined = await joined_rooms(job.ctx, job.request, job.requester)
     return sync_filter, joined
 
 
 async def _forget_unreachable(
-    ctx: Context,
-    requester: Requester,
-    body: dict[str, Any],
-    pending: list[PendingDelete],
-    joined: frozenset[str],
+    job: _Rewrite, body: dict[str, Any], joined: frozenset[str]
 ) -> list[PendingDelete]:
     """Room account data travels only in rooms the user is in: a delete in a room the
     user has left, and that this body does not carry, can never reach the device. Its
     row goes now rather than waiting for ever (a rejoin brings the room's account data
     afresh, as the homeserver holds it)."""
-    placeable = rooms_to_place(body, pending)
-    unreachable = [p for p in pending if p.settled and p.room_id in placeable and p.room_id not in joined]
-    if not unreachable or requester.device_id is None:
-        return pending
+    placeable = rooms_to_place(body, job.pending)
+    unreachable = [p for p in job.pending if p.settled and p.room_id in placeable and p.room_id not in joined]
+    device_id = job.requester.device_id
+    if not unreachable or device_id is None:
+        return job.pending
+    stream_ids = [p.stream_id for p in unreachable]
     gone = await _best_effort(
-        ctx.store.acknowledge_stream_ids(
-            requester.user_id, requester.device_id, [p.stream_id for p in unreachable]
-        ),
-        0,
+        job.ctx.store.acknowledge_stream_ids(job.requester.user_id, device_id, stream_ids), 0
     )
-    ctx.metrics.acknowledgements.labels("left_room").inc(gone)
-    return [p for p in pending if p not in unreachable]
+    job.ctx.metrics.acknowledgements.labels("left_room").inc(gone)
+    return [p for p in job.pending if p not in unreachable]
 
 
 async def legacy_initial_sync(

@@ -90,3 +90,24 @@ class PendingIndex:
 
     def invalidate_all(self) -> None:
         self._stale = None
+
+
+class IndexedAnswers:
+    """The in-memory half of a `DeletionStore`: its questions, answered from `index`."""
+
+    index: PendingIndex
+
+    def has_pending(self, user_id: str, device_id: str | None) -> bool:
+        return self.index.has_pending(user_id, device_id)
+
+    def has_rows(self, user_id: str) -> bool:
+        return self.index.has_rows(user_id)
+
+    def devices_pending(self) -> int:
+        return self.index.devices_pending()
+
+    def orphaned_intents(self, user_id: str) -> list[int]:
+        return self.index.orphaned(user_id)
+
+    def mark_orphaned(self, user_id: str, stream_id: int) -> None:
+        self.index.mark_orphaned(user_id, stream_id)

@@ -18,7 +18,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from ..records import PendingDelete, Tombstone, UnsyncedRow
-from .indexes import PendingIndex
+from . import inspection
+from .indexes import IndexedAnswers, PendingIndex
 
 log = logging.getLogger("proxy.store")
 
@@ -44,7 +45,7 @@ class Database(Protocol):
 
 
 _SAME_TYPE = "user_id = ? AND COALESCE(room_id, '') = COALESCE(?, '') AND account_data_type = ?"
-_TOMBSTONE = "SELECT stream_id, user_id, room_id, account_data_type, state FROM account_data_tombstones"
+_TOMBSTONE = inspection.TOMBSTONE
 _INSERT_ROW = (
     "INSERT INTO account_data_unsynced_deletes (stream_id, user_id, account_data_type, room_id, device_id)"
     " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
@@ -92,7 +93,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class SqlStore:
+class SqlStore(IndexedAnswers):
     """A `DeletionStore` on any `Database` (see `model.DeletionStore` for the contract)."""
 
     def __init__(self, db: Database) -> None:
@@ -127,23 +128,6 @@ class SqlStore:
             "SELECT DISTINCT device_id FROM account_data_unsynced_deletes WHERE user_id = ?", (user_id,)
         )
         self.index.set_devices(user_id, (row[0] for row in rows))
-
-    # --- in memory ------------------------------------------------------------------------
-
-    def has_pending(self, user_id: str, device_id: str | None) -> bool:
-        return self.index.has_pending(user_id, device_id)
-
-    def has_rows(self, user_id: str) -> bool:
-        return self.index.has_rows(user_id)
-
-    def devices_pending(self) -> int:
-        return self.index.devices_pending()
-
-    def orphaned_intents(self, user_id: str) -> list[int]:
-        return self.index.orphaned(user_id)
-
-    def mark_orphaned(self, user_id: str, stream_id: int) -> None:
-        self.index.mark_orphaned(user_id, stream_id)
 
     # --- deletes and revives --------------------------------------------------------------
 
@@ -344,25 +328,12 @@ class SqlStore:
 
     async def counts(self) -> tuple[int, int]:
         async with self.db.reading() as tx:
-            row = await tx.fetchone(
-                "SELECT (SELECT COUNT(*) FROM account_data_unsynced_deletes),"
-                " (SELECT COUNT(*) FROM account_data_tombstones)"
-            )
-        assert row is not None
-        return int(row[0]), int(row[1])
+            return await inspection.counts(tx)
 
     async def unsynced_rows(self, user_id: str | None = None) -> list[UnsyncedRow]:
-        sql = (
-            "SELECT stream_id, user_id, account_data_type, room_id, device_id"
-            " FROM account_data_unsynced_deletes"
-        )
-        where, args = (" WHERE user_id = ?", (user_id,)) if user_id is not None else ("", ())
         async with self.db.reading() as tx:
-            rows = await tx.fetchall(sql + where + " ORDER BY stream_id, device_id", args)
-        return [UnsyncedRow(*row) for row in rows]
+            return await inspection.unsynced_rows(tx, user_id)
 
     async def tombstones(self, user_id: str | None = None) -> list[Tombstone]:
-        where, args = (" WHERE user_id = ?", (user_id,)) if user_id is not None else ("", ())
         async with self.db.reading() as tx:
-            rows = await tx.fetchall(_TOMBSTONE + where + " ORDER BY stream_id", args)
-        return [Tombstone(*row) for row in rows]
+            return await inspection.tombstones(tx, user_id)
