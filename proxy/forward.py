@@ -329,11 +329,13 @@ class Upstream:
         headers: Mapping[str, str],
         params: Sequence[tuple[str, str]] = (),
         json_body: Any = None,
+        data: bytes | None = None,
         read_timeout: float | None = None,
     ) -> UpstreamReply:
         """A small request of the proxy's own (on a caller's behalf), read whole.
 
-        `path` is already percent-encoded (and may carry a query).
+        `path` is already percent-encoded (and may carry a query). The body is
+        `json_body` serialised, or `data` as it is.
         """
         url = self.url_for(path)
         if params:
@@ -344,6 +346,7 @@ class Upstream:
                 url,
                 headers=headers,
                 json=json_body,
+                data=data,
                 allow_redirects=False,
                 timeout=self.timeout(read_timeout),
             ) as response:

@@ -16,7 +16,7 @@ from .errors import MatrixError
 from .forward import UpstreamReply
 from .identity import Requester
 from .rewrite import NUDGE_TYPE
-from .routing import encode_segment
+from .routing import encode_segment, split_raw_path
 
 
 async def call_as(
@@ -28,16 +28,21 @@ async def call_as(
     json_body: Any = None,
     *,
     params: Sequence[tuple[str, str]] | None = None,
+    data: bytes | None = None,
 ) -> UpstreamReply:
     """`path` (already percent-encoded) as the caller. `params`: the query, which carries
     the caller's credential parameters (an `access_token`, an appservice's `user_id`) by
-    default."""
+    default. The body: `json_body`, or `data` (JSON already) as it is."""
+    headers = ctx.identity.headers_for(request, requester.credentials)
+    if data is not None:
+        headers["Content-Type"] = "application/json"
     return await ctx.upstream.call(
         method,
         path,
-        headers=ctx.identity.headers_for(request, requester.credentials),
+        headers=headers,
         params=requester.credentials.params if params is None else params,
         json_body=json_body,
+        data=data,
     )
 
 
@@ -91,3 +96,18 @@ async def nudge(ctx: Context, request: web.Request, requester: Requester) -> boo
     except MatrixError:
         return False
     return reply.status == 200
+
+
+async def again_after_a_nudge(
+    ctx: Context, request: web.Request, requester: Requester, *, data: bytes | None = None
+) -> UpstreamReply | None:
+    """The client's sync request once more, without its wait, after a nudge: the answer
+    then has a token (`next_batch`, `pos`) of its own, so that its arrival can be told
+    apart from a retry of it. `data`: the request's body, if it has one. None if the
+    homeserver refused either."""
+    if not await nudge(ctx, request, requester):
+        return None
+    path, _ = split_raw_path(request.raw_path)
+    query = [(k, "0" if k == "timeout" else v) for k, v in request.query.items()]
+    again = await call_as(ctx, request, requester, request.method, path, params=query, data=data)
+    return again if again.status == 200 else None

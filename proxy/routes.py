@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from . import account_data, devices, sync, versions
+from . import account_data, devices, sliding_sync, sync, versions
 from .routing import Handler, Route
 from .timeouts import ReadTimeout
 
@@ -77,6 +77,20 @@ ROUTES: tuple[Route, ...] = (
         _CLIENT_V1 + _ROOM + r"/initialSync$",
         _get(sync.legacy_initial_sync),
         read_timeout=ReadTimeout.INITIAL_SYNC,
+    ),
+    # Simplified sliding sync (MSC4186): Synapse's unstable path (its dots unescaped, as
+    # Synapse writes them), and the spec's stable one for homeservers that serve it.
+    _route(
+        "sliding_sync",
+        r"^/_matrix/client/unstable/org.matrix.simplified_msc3575/sync$",
+        {"POST": sliding_sync.sliding_sync},
+        read_timeout=ReadTimeout.SLIDING_SYNC,
+    ),
+    _route(
+        "sliding_sync_v4",
+        r"^/_matrix/client/v4/sync$",
+        {"POST": sliding_sync.sliding_sync},
+        read_timeout=ReadTimeout.SLIDING_SYNC,
     ),
     _route("versions", r"^/_matrix/client/versions$", _get(versions.versions)),
     _route("delete_device", _CLIENT + r"/devices/(?P<device_id>[^/]*)$", {"DELETE": devices.delete_device}),

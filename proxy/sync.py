@@ -10,21 +10,18 @@ needs a change is parsed (orjson) and rewritten (`rewrite.py`).
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
 from .codings import accept_encoding_we_can_read, can_decode, decode_body
 from .context import Context
-from .errors import ResponseError, StoreUnavailable
 from .filters import NO_FILTER, SyncFilter
-from .forward import Answer, UpstreamReply, body_response
+from .forward import Answer, body_response
 from .handling import caller
-from .homeserver_calls import call_as, device_ids, joined_rooms, nudge
+from .homeserver_calls import again_after_a_nudge, call_as, joined_rooms
 from .identity import Requester
 from .records import PendingDelete
 from .rewrite import (
@@ -34,16 +31,11 @@ from .rewrite import (
     rooms_to_place,
     strip_legacy_initial_sync,
 )
-from .routing import split_raw_path
 from .sync_bodies import dumps, gc_paused, off_loop, parse
+from .sync_state import acknowledge, best_effort, has_pending, pending_for, record, sweep_vanished_devices
 from .timeouts import ReadTimeout, read_timeout
 
 log = logging.getLogger(__name__)
-
-# How often a user's device list is compared with the devices that have rows.
-DEVICE_SWEEP_INTERVAL = 600.0
-
-T = TypeVar("T")
 
 
 async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
@@ -51,24 +43,18 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
     query = request.query
     since = query.get("since")
     full_state = query.get("full_state") == "true"
-    device_id = requester.device_id
-    store = ctx.store
-
-    # The store only refines what the homeserver sends (acknowledgements, injections):
-    # when it fails, the sync goes on without it and the rows wait for a later one.
-    await _best_effort(_sweep_vanished_devices(ctx, request, requester), None)
-    if since and device_id is not None:
+    await sweep_vanished_devices(ctx, request, requester)
+    if since:
         # Asking for what follows `since` proves the response that returned it arrived.
-        acknowledged = await _best_effort(store.acknowledge_since(requester.user_id, device_id, since), 0)
-        ctx.metrics.acknowledgements.labels("sync").inc(acknowledged)
-    has_pending = device_id is not None and store.has_pending(requester.user_id, device_id)
+        await acknowledge(ctx, requester, since, "sync")
+    pending_now = has_pending(ctx, requester)
     incremental = bool(since)
 
     always_inspect = not incremental or full_state
     # Ask for a body the proxy can read only when it expects to read it: otherwise the
     # client's own Accept-Encoding goes up and the answer comes back as it is.
     headers = (
-        {"Accept-Encoding": accept_encoding_we_can_read(request)} if always_inspect or has_pending else None
+        {"Accept-Encoding": accept_encoding_we_can_read(request)} if always_inspect or pending_now else None
     )
     async with ctx.upstream.open(
         request, read_timeout=read_timeout(ReadTimeout.SYNC, ctx.config.upstream, query), headers=headers
@@ -77,23 +63,17 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
             return await ctx.upstream.relay(request, upstream)
         # A delete may have begun while this long-poll waited, and its `{}` may be what
         # woke it: decide on the fast path now, from the in-memory index.
-        has_pending = device_id is not None and store.has_pending(requester.user_id, device_id)
-        if not always_inspect and not (has_pending and can_decode(upstream.headers.get("Content-Encoding"))):
+        pending_now = has_pending(ctx, requester)
+        if not always_inspect and not (pending_now and can_decode(upstream.headers.get("Content-Encoding"))):
             # The fast path: streamed through, unparsed, no database query.
             return await ctx.upstream.relay(request, upstream)
         raw = await ctx.upstream.read_whole(upstream)
     encoding = upstream.headers.get("Content-Encoding")
     plain = decode_body(raw, encoding)
-    if not has_pending and not may_hold_deletions(plain):
+    if not pending_now and not may_hold_deletions(plain):
         return body_response(upstream, raw, decoded=False)
 
-    pending = (
-        await _best_effort(store.pending_for_device(requester.user_id, device_id), []) if has_pending else []
-    )
-    # A type whose revive waits for the store is live on the homeserver: never tell it deleted.
-    pending = [
-        p for p in pending if not ctx.repairs.reviving(requester.user_id, p.room_id, p.account_data_type)
-    ]
+    pending = await pending_for(ctx, requester)
     with gc_paused():
         job = _Rewrite(ctx, request, requester, pending, since, full_state)
         return await _rewrite(job, upstream, raw, plain)
@@ -116,7 +96,7 @@ async def _rewrite(
 ) -> web.StreamResponse:
     """Parse, rewrite, record and answer. `upstream`: the homeserver's answer (its status,
     reason and headers), `raw` its body and `plain` that body decoded; `nudged`: this is
-    the answer to `_with_a_new_token`."""
+    the answer to `homeserver_calls.again_after_a_nudge`."""
     out, delivered, next_batch = await _rewritten(job, plain)
     device_id = job.requester.device_id
     if delivered and device_id is not None and next_batch == job.since and not nudged:
@@ -124,16 +104,15 @@ async def _rewrite(
         # side): the next request will send that token again whether this answer
         # arrives or is lost, so it could prove nothing, and a delivery recorded
         # against it would be acknowledged by a retry. Make the token move instead.
-        again = await _with_a_new_token(job.ctx, job.request, job.requester)
+        again = await again_after_a_nudge(job.ctx, job.request, job.requester)
         if again is not None:
             again_plain = decode_body(again.body, again.headers.get("Content-Encoding"))
             return await _rewrite(job, again, again.body, again_plain, nudged=True)
     # Recorded before the response leaves: if it arrives, the proof can be checked. (If
     # the token still did not move, nothing is recorded: the rows stay, and the next
     # answer tells the device again.)
-    if delivered and device_id is not None and isinstance(next_batch, str) and next_batch != job.since:
-        recording = job.ctx.store.record_delivery(job.requester.user_id, device_id, next_batch, delivered)
-        await _best_effort(recording, None)
+    if isinstance(next_batch, str) and next_batch != job.since:
+        await record(job.ctx, job.requester, next_batch, delivered)
     if out is None:
         return body_response(upstream, raw, decoded=False)
     return body_response(upstream, out, decoded=True)
@@ -165,48 +144,9 @@ async def _rewritten(job: _Rewrite, plain: bytes) -> tuple[bytes | None, frozens
     return out, result.delivered, body.get("next_batch")
 
 
-async def _with_a_new_token(ctx: Context, request: web.Request, requester: Requester) -> UpstreamReply | None:
-    """The same sync once more, after something changed for this device alone (a
-    nudge, see `homeserver_calls.nudge`), so that the answer carrying the deletions has
-    a token of its own and can be proved received. None if the homeserver refused."""
-    if not await nudge(ctx, request, requester):
-        return None
-    # The client's own request, without the wait: the homeserver has news for it now.
-    path, _ = split_raw_path(request.raw_path)
-    query = [(k, "0" if k == "timeout" else v) for k, v in request.query.items()]
-    again = await call_as(ctx, request, requester, "GET", path, params=query)
-    return again if again.status == 200 else None
-
-
 def _rewrite_and_dump(body: dict[str, Any], **rules: Any) -> tuple[bytes | None, SyncRewrite]:
     result = rewrite_sync(body, **rules)
     return (dumps(result.body) if result.changed(body) else None), result
-
-
-async def _best_effort(operation: Awaitable[T], fallback: T) -> T:
-    try:
-        return await operation
-    except StoreUnavailable:
-        return fallback  # logged by the store, once per burst
-
-
-async def _sweep_vanished_devices(ctx: Context, request: web.Request, requester: Requester) -> None:
-    """Drop rows of devices the homeserver no longer lists (removed behind the proxy's
-    back, through an admin API say), at most once per interval per user with rows."""
-    user_id = requester.user_id
-    if not ctx.store.has_rows(user_id):
-        ctx.device_sweeps.pop(user_id, None)
-        return
-    now = time.monotonic()
-    last = ctx.device_sweeps.get(user_id)
-    if last is not None and now - last < DEVICE_SWEEP_INTERVAL:
-        return
-    ctx.device_sweeps[user_id] = now
-    try:
-        devices = await device_ids(ctx, request, requester)
-    except ResponseError:
-        return  # try again after the interval; the sync itself must not fail for this
-    await ctx.store.keep_only_devices(user_id, devices)
 
 
 async def _injection_context(job: _Rewrite, body: dict[str, Any]) -> tuple[SyncFilter, frozenset[str] | None]:
@@ -235,7 +175,7 @@ async def _forget_unreachable(
     if not unreachable or device_id is None:
         return job.pending
     stream_ids = [p.stream_id for p in unreachable]
-    gone = await _best_effort(
+    gone = await best_effort(
         job.ctx.store.acknowledge_stream_ids(job.requester.user_id, device_id, stream_ids), 0
     )
     job.ctx.metrics.acknowledgements.labels("left_room").inc(gone)
