@@ -1,7 +1,8 @@
 """What every section of the benchmark shares: /proc readings, nginx, wrk, processes.
 
 Processes are started by this run and stopped by their own PID (never by name).
-Servers (Synapse, the proxy as a process) come from `tests/synapse_rig.py`.
+Servers (Synapse, the proxy as a process, nginx) and process handling come from the
+rig (`rig/`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.synapse_rig import REPO_ROOT, _stop_process, free_port, spawn_child
+from rig.nginx import Nginx
+from rig.processes import spawn_child, stop_process, wait_for_port
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -42,16 +43,6 @@ def cpu_seconds(pid: int) -> float:
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return found
 
 
 def status_kib(pid: int, key: str) -> int:
@@ -121,21 +112,6 @@ class RssSampler:
 # --- processes --------------------------------------------------------------------------
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {process.returncode} during start-up")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
-        time.sleep(0.05)
-
-
 class Child:
     """A helper process of the benchmark (the slow upstream); output to a log file."""
 
@@ -166,96 +142,37 @@ class Child:
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop_process(self.process, grace=10.0)
+            stop_process(self.process, grace=10.0)
 
 
 # --- nginx ------------------------------------------------------------------------------
 
-NGINX_TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+# What every nginx of the benchmark shares: many connections, long keep-alive, no
+# access log (the rig's default), JSON where a file says so.
+_NGINX_MAIN = "worker_rlimit_nofile 16384;\n"
+_NGINX_HTTP = (
+    "    keepalive_requests 1000000;\n"
+    "    keepalive_timeout 300s;\n"
+    "    sendfile on;\n"
+    "    tcp_nopush on;\n"
+    "    tcp_nodelay on;\n"
+    "    types { application/json json; }\n"
+    "    default_type application/octet-stream;\n"
+)
 
 
-class Nginx:
+def bench_nginx(directory: Path, name: str, servers: str, ports: Sequence[int], workers: int = 1) -> Nginx:
     """One nginx (master + `workers` worker processes) with its own config, pid file,
-    logs and temp paths in `directory`; `servers` is the text inside `http { }`."""
-
-    def __init__(
-        self, directory: Path, name: str, servers: str, ports: Sequence[int], workers: int = 1
-    ) -> None:
-        self.directory = directory / name
-        self.name = name
-        self.servers = servers
-        self.ports = list(ports)
-        self.workers = workers
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def config_path(self) -> Path:
-        return self.directory / "nginx.conf"
-
-    def config_text(self) -> str:
-        d = self.directory
-        temps = "".join(f"    {kind}_temp_path {d / 'tmp' / kind};\n" for kind in NGINX_TEMP_DIRS)
-        return (
-            f"worker_processes {self.workers};\n"
-            "daemon off;\n"
-            f"pid {d / 'nginx.pid'};\n"
-            f"error_log {d / 'error.log'} warn;\n"
-            "worker_rlimit_nofile 16384;\n"
-            "events { worker_connections 8192; }\n"
-            "http {\n"
-            "    access_log off;\n"
-            "    keepalive_requests 1000000;\n"
-            "    keepalive_timeout 300s;\n"
-            "    sendfile on;\n"
-            "    tcp_nopush on;\n"
-            "    tcp_nodelay on;\n"
-            "    types { application/json json; }\n"
-            "    default_type application/octet-stream;\n"
-            f"{temps}"
-            f"{self.servers}\n"
-            "}\n"
-        )
-
-    def start(self) -> None:
-        for kind in NGINX_TEMP_DIRS:
-            (self.directory / "tmp" / kind).mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self.config_text())
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        checked = subprocess.run(
-            [nginx, "-t", "-q", "-e", str(self.directory / "error.log"), "-c", str(self.config_path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if checked.returncode != 0:
-            raise RuntimeError(f"nginx {self.name}: bad config:\n{checked.stderr}")
-        self.process = spawn_child(
-            [
-                nginx,
-                "-e",
-                str(self.directory / "error.log"),
-                "-c",
-                str(self.config_path),
-                "-p",
-                str(self.directory),
-            ],
-            subprocess.DEVNULL,
-        )
-        for port in self.ports:
-            wait_for_port(port, self.process, f"nginx {self.name}")
-        deadline = time.monotonic() + 10
-        while len(self.worker_pids()) < self.workers and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def worker_pids(self) -> list[int]:
-        if self.process is None or self.process.poll() is not None:
-            return []
-        return children(self.process.pid)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            # SIGTERM to the master (by its PID) is nginx's fast shutdown.
-            _stop_process(self.process, grace=10.0)
+    logs and temp paths in `directory`/`name`; `servers` is the text inside `http { }`."""
+    return Nginx(
+        directory / name,
+        _NGINX_HTTP + servers,
+        ports,
+        workers=workers,
+        worker_connections=8192,
+        main_config=_NGINX_MAIN,
+        error_log_level="warn",
+    )
 
 
 def nginx_reverse_proxy_server(listen_port: int, upstream_port: int, name: str) -> str:
@@ -523,7 +440,6 @@ def summarize(runs: Sequence[WrkResult]) -> dict[str, Any]:
 
 
 __all__ = [
-    "REPO_ROOT",
     "CpuMeter",
     "Nginx",
     "RssSampler",
@@ -531,5 +447,5 @@ __all__ = [
     "Workload",
     "Wrk",
     "WrkResult",
-    "free_port",
+    "bench_nginx",
 ]

@@ -18,7 +18,9 @@ from typing import Any
 
 import aiohttp
 
-from .harness import Child, RssSampler, Wrk, fd_count, free_port, reset_peak_rss, say, status_kib
+from rig.processes import free_port
+
+from .harness import Child, RssSampler, Wrk, fd_count, reset_peak_rss, say, status_kib
 from .settings import MiB, Settings
 
 SMALL_PATH = "/_matrix/client/v3/capabilities"

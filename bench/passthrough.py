@@ -21,6 +21,7 @@ import orjson
 from proxy import jsoncodec
 from proxy.filters import NO_FILTER
 from proxy.rewrite import may_hold_deletions, rewrite_sync
+from rig.processes import free_port
 
 from .bodies import sync_body
 from .harness import (
@@ -29,7 +30,7 @@ from .harness import (
     Target,
     Workload,
     Wrk,
-    free_port,
+    bench_nginx,
     median,
     nginx_reverse_proxy_server,
     run_interleaved,
@@ -74,7 +75,7 @@ def static_upstream(workdir: Path, root: Path) -> Nginx:
         location / {{ return 404; }}
     }}
 """
-    return Nginx(workdir, "static-upstream", server, [port])
+    return bench_nginx(workdir, "static-upstream", server, [port])
 
 
 # --- the in-process floor --------------------------------------------------------------
@@ -153,7 +154,7 @@ def run(
     upstream_url = f"http://127.0.0.1:{up_port}"
     nginx_port = free_port()
     servers = nginx_reverse_proxy_server(nginx_port, up_port, "static_upstream")
-    nginx = Nginx(workdir, "nginx-proxy-static", servers, [nginx_port])
+    nginx = bench_nginx(workdir, "nginx-proxy-static", servers, [nginx_port])
     minimal_port = free_port()
     minimal = Child(
         [sys.executable, str(Path(__file__).with_name("minimal_proxy.py")), str(minimal_port), upstream_url],

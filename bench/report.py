@@ -354,7 +354,7 @@ def _details(results: dict[str, Any], settings: Settings) -> list[str]:
         parts += [
             "### Real Synapse 1.163.2",
             "",
-            "Synapse from `tests/synapse_rig.py` (SQLite, log level WARNING, no rate limits). whoami,"
+            "Synapse from `rig/synapse.py` (SQLite, log level WARNING, no rate limits). whoami,"
             " account data GET and incremental sync (`timeout=0`) hit the Synapse with its own MSC3391"
             " flag off, directly, through nginx and through the proxy. The DELETE deletes a different,"
             " existing type on every request (set beforehand, outside the timing): directly and through"

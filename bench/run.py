@@ -51,19 +51,11 @@ SECTIONS = ("floor", "passthrough", "synapse", "memory", "store")
 
 
 def ensure_tools() -> None:
-    missing = [
-        tool
-        for tool in ("nginx", "wrk")
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()
-    ]
-    if not missing:
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+    from rig.programs import find_program, install_debian_packages
+
+    missing = [tool for tool in ("nginx", "wrk") if find_program(tool) is None]
+    if not install_debian_packages(missing, say=lambda message: print(f"[bench] {message}", file=sys.stderr)):
         sys.exit(f"bench: needs {' and '.join(missing)} (Debian: apt-get install -y nginx wrk)")
-    print(f"[bench] installing {' '.join(missing)} with apt-get ...", file=sys.stderr, flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "nginx", "wrk"], check=True, env=env)
 
 
 def _version(argv: list[str]) -> str:
@@ -156,13 +148,11 @@ def main() -> int:
 
 
 def _run(args: argparse.Namespace, workdir: Path, code: Path) -> int:
-    import tests.synapse_rig as rig
     from bench import memory_bench, passthrough, report, store_bench, synapse_bench
     from bench.harness import Wrk, say
     from bench.settings import FULL, QUICK
-    from tests.synapse_rig import ProxyProcess, ensure_synapse_venv
-
-    rig.REPO_ROOT = code  # ProxyProcess runs `python -m proxy` from there
+    from rig.proxy_process import ProxyProcess
+    from rig.synapse import ensure_synapse_venv
 
     settings = QUICK if args.quick else FULL
     sections = set(SECTIONS if not args.only else args.only.split(","))
@@ -185,8 +175,14 @@ def _run(args: argparse.Namespace, workdir: Path, code: Path) -> int:
     wrk = Wrk(workdir)
 
     def proxy_factory(upstream_url: str, name: str) -> ProxyProcess:
+        # Run from `code`: every proxy process imports the copy of proxy/ taken at the start.
         proxy = ProxyProcess(
-            workdir, upstream_url, msc3391=True, extra_toml='[proxy]\nlog_level = "WARNING"', name=name
+            workdir,
+            upstream_url,
+            msc3391=True,
+            extra_toml='[proxy]\nlog_level = "WARNING"',
+            name=name,
+            code_dir=code,
         )
         proxy.start()
         return proxy

@@ -5,7 +5,7 @@ writes run, then a check that no deletion was lost or delivered twice.
     .venv/bin/python bench/soak.py [--duration 60] [--devices 200] [--users 20]
 
 Starts its own real Synapse 1.163.2 and the proxy in front of it as `python -m proxy`
-(both from tests/synapse_rig.py, on loopback, in a temporary directory), registers
+(both from the rig, `rig/`, on loopback, in a temporary directory), registers
 `--users` users with `--devices` devices between them, and for `--duration` seconds:
 
 - every device long-polls `GET /sync` through the proxy, from its last `next_batch`;
@@ -37,12 +37,9 @@ import json
 import random
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,15 +51,10 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
-from tests.synapse_rig import (  # noqa: E402
-    _APPLY_OVERRIDES,
-    Account,
-    ProxyProcess,
-    SynapseServer,
-    free_port,
-    login,
-    register,
-)
+from rig.accounts import Account, login, register  # noqa: E402
+from rig.processes import free_port, http_json, open_direct  # noqa: E402
+from rig.proxy_process import ProxyProcess  # noqa: E402
+from rig.synapse import SynapseServer  # noqa: E402
 
 MSC3391 = "/_matrix/client/unstable/org.matrix.msc3391"
 PREFIX = "org.soak."
@@ -72,20 +64,8 @@ def say(message: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-class FastLoginSynapse(SynapseServer):
-    """Synapse with cheap password hashing: hundreds of logins in seconds, not minutes."""
-
-    def _write_config(self, python: Path) -> None:
-        super()._write_config(python)
-        applied = subprocess.run(
-            [str(python), "-c", _APPLY_OVERRIDES, str(self.config_path)],
-            input=json.dumps({"set": {"bcrypt_rounds": 4}, "remove": []}),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if applied.returncode != 0:
-            raise RuntimeError(f"writing the Synapse config failed:\n{applied.stderr[-3000:]}")
+# Cheap password hashing: hundreds of logins in seconds, not minutes.
+FAST_LOGIN = {"bcrypt_rounds": 4}
 
 
 # --- what happened ----------------------------------------------------------------------
@@ -313,13 +293,11 @@ class Soak:
                 url = (
                     f"{self.synapse_url}/_matrix/client/v3/user/{quote(user_id, safe='')}/account_data/{kind}"
                 )
-                request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-                try:
-                    with opener.open(request, timeout=30) as response:
-                        state[(user_id, kind)] = json.loads(response.read())
-                except urllib.error.HTTPError as e:
-                    state[(user_id, kind)] = None if e.code == 404 else f"HTTP {e.code}"
+                status, body = http_json("GET", url, token=token)
+                if status == 200:
+                    state[(user_id, kind)] = body
+                else:
+                    state[(user_id, kind)] = None if status == 404 else f"HTTP {status}"
         return state
 
     def check(self, store_path: Path) -> list[str]:
@@ -447,8 +425,7 @@ class Soak:
 
 
 def proxy_counters(metrics_url: str) -> dict[str, float]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(metrics_url + "/metrics", timeout=10) as response:
+    with open_direct(metrics_url + "/metrics", 10) as response:
         text = response.read().decode()
     counters: dict[str, float] = {}
     for line in text.splitlines():
@@ -485,7 +462,7 @@ def main() -> int:
         parser.error("need 1 <= --users <= --devices")
 
     directory = Path(tempfile.mkdtemp(prefix="msc3391-soak-"))
-    synapse = FastLoginSynapse(directory / "synapse")
+    synapse = SynapseServer(directory / "synapse", extra_config=FAST_LOGIN)
     metrics_port = free_port()
     proxy: ProxyProcess | None = None
     started = time.monotonic()

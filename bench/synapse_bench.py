@@ -1,6 +1,6 @@
 """Real Synapse 1.163.2: the client calls the proxy must not slow down, and the delete.
 
-Two Synapses from `tests/synapse_rig.py`: one with its own `msc3391_enabled` off (behind
+Two Synapses from the rig (`rig/synapse.py`): one with its own `msc3391_enabled` off (behind
 the proxy, as deployed) and one with it on (the reference for the DELETE). Targets:
 Synapse directly, nginx as a plain reverse proxy, and the proxy. For the DELETE,
 "directly" and "nginx" reach the Synapse with the flag on (its own DELETE), the
@@ -18,7 +18,10 @@ from typing import Any
 
 import aiohttp
 
-from tests.synapse_rig import Account, ProxyProcess, SynapseServer, http_json, login, register
+from rig.accounts import Account, login, register
+from rig.processes import free_port, http_json
+from rig.proxy_process import ProxyProcess
+from rig.synapse import SynapseServer
 
 from .harness import (
     Nginx,
@@ -26,7 +29,7 @@ from .harness import (
     Workload,
     Wrk,
     WrkResult,
-    free_port,
+    bench_nginx,
     nginx_reverse_proxy_server,
     run_interleaved,
     say,
@@ -89,7 +92,7 @@ def run(settings: Settings, workdir: Path, wrk: Wrk, proxy_factory: Any) -> dict
         port_plain, port_ref = free_port(), free_port()
         servers = nginx_reverse_proxy_server(port_plain, plain.port or 0, "synapse_off")
         servers += nginx_reverse_proxy_server(port_ref, reference.port or 0, "synapse_on")
-        nginx = Nginx(workdir, "nginx-proxy-synapse", servers, [port_plain, port_ref])
+        nginx = bench_nginx(workdir, "nginx-proxy-synapse", servers, [port_plain, port_ref])
         nginx.start()
         proxy = proxy_factory(plain.url, "proxy-synapse")
         proxy_pid = proxy.process.pid

@@ -2,15 +2,14 @@
 
 Needs nothing but Python 3.11+: creates `.venv` in the repository if it is missing,
 installs the project with its test tools into it (again only when `pyproject.toml`
-changed), then runs the calling script once more inside that venv. Also installs
-Debian packages for `scripts/test.py` (`install_debian_packages`), as root only.
+changed), then runs the calling script once more inside that venv, where
+`use_repository_modules()` makes the development rig (`rig/`) importable.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,31 +72,7 @@ def enter_venv() -> None:
 
 
 def use_repository_modules() -> None:
-    """Make `tests.synapse_rig` importable (the rig lives with the tests)."""
+    """Make the repository's own packages importable: `rig` (Synapse, the proxy as a
+    process, programs), which is not installed into the venv."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-
-
-def install_debian_packages(packages: list[str]) -> bool:
-    """`apt-get update` once, then `apt-get install -y --no-install-recommends PACKAGES`.
-    Only as root on a machine with apt-get; otherwise says so and returns False."""
-    if not packages:
-        return True
-    wanted = " ".join(packages)
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        say(f"not installing {wanted}: that needs root and apt-get (the tests needing them are skipped)")
-        return False
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (
-        ["apt-get", "update"],
-        ["apt-get", "install", "-y", "--no-install-recommends", *packages],
-    ):
-        say(" ".join(command) + " ...")
-        done = subprocess.run(
-            command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            say("\n".join((done.stdout + done.stderr).splitlines()[-20:]))
-            say(f"error: {command[0]} {command[1]} failed (exit {done.returncode})")
-            return False
-    return True

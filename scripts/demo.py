@@ -47,17 +47,10 @@ def curl(method: str, url: str, token: str, body: Any = None) -> str:
 def main() -> int:
     enter_venv()
     use_repository_modules()
-    from tests.synapse_rig import (
-        SYNAPSE_VERSION,
-        ProxyProcess,
-        SynapseServer,
-        ensure_synapse_venv,
-        free_port,
-        http_json,
-        login,
-        port_is_free,
-        register,
-    )
+    from rig.accounts import login, register
+    from rig.processes import free_port, http_json, port_is_free
+    from rig.proxy_process import ProxyProcess
+    from rig.synapse import SYNAPSE_VERSION, SynapseServer, ensure_synapse_venv
 
     # Explicitly: a shell may start a background job with SIGINT ignored.
     signal.signal(signal.SIGINT, _interrupt)

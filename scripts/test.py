@@ -6,9 +6,9 @@ installing), installs what the nginx, client library and browser tests need (as 
 with apt-get: the Debian packages nginx, chromium, and nodejs and npm when there is no
 `node`; then `npm ci` in tests/js, tests/js43 (matrix-js-sdk 43.0.0 and the Node.js 22
 it runs on, both npm packages) and tests/browser, each when its lockfile changed),
-runs `ruff check`, then pytest with the given arguments. The exit
-status is pytest's (5, "no tests collected", counts as a failure), or 1 if only
-ruff failed.
+runs `ruff check` (proxy, tests, scripts, bench, rig), then pytest with the given
+arguments. The exit status is pytest's (5, "no tests collected", counts as a
+failure), or 1 if only ruff failed.
 """
 
 from __future__ import annotations
@@ -16,14 +16,23 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from _bootstrap import ROOT, enter_venv, install_debian_packages, say, use_repository_modules
+from _bootstrap import ROOT, enter_venv, say, use_repository_modules
+
+# Linted as a whole: the proxy, the tests, the scripts, the benchmark and the rig.
+LINTED = ["proxy", "tests", "scripts", "bench", "rig"]
 
 
 def main() -> int:
     enter_venv()
     use_repository_modules()
-    from tests.prerequisites import JS_PROJECTS, debian_packages_to_install, ensure_js_packages, find_program
-    from tests.synapse_rig import SYNAPSE_SPEC, ensure_synapse_venv, synapse_venv_path
+    from rig.programs import (
+        JS_PROJECTS,
+        debian_packages_to_install,
+        ensure_js_packages,
+        find_program,
+        install_debian_packages,
+    )
+    from rig.synapse import SYNAPSE_SPEC, ensure_synapse_venv, synapse_venv_path
 
     say(f"Synapse: {SYNAPSE_SPEC} in {synapse_venv_path()}")
     try:
@@ -32,10 +41,11 @@ def main() -> int:
         say(f"error: {e}")
         return 1
 
-    # nginx for tests/test_nginx.py; chromium for tests/test_browser.py; Node.js and npm
-    # for matrix-js-sdk, playwright-core and esbuild. A `node` from elsewhere (nodesource,
-    # nvm) is kept: Debian's nodejs is installed only without one.
-    install_debian_packages(debian_packages_to_install())
+    # nginx for tests/test_nginx_synapse.py; chromium for tests/test_browser_synapse.py;
+    # Node.js and npm for matrix-js-sdk, playwright-core and esbuild. A `node` from
+    # elsewhere (nodesource, nvm) is kept: Debian's nodejs is installed only without one.
+    if not install_debian_packages(debian_packages_to_install(), say=say):
+        say("the tests that need them are skipped (or fail under CI)")
     if find_program("npm") is None:
         say("warning: no npm, so no matrix-js-sdk (its tests are skipped, or fail under CI)")
     else:
@@ -45,8 +55,8 @@ def main() -> int:
             except RuntimeError as e:
                 say(f"warning: {e}")
 
-    say("ruff check proxy tests scripts")
-    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "proxy", "tests", "scripts"], cwd=ROOT)
+    say("ruff check " + " ".join(LINTED))
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", *LINTED], cwd=ROOT)
 
     args = sys.argv[1:]
     say("pytest " + " ".join(args))

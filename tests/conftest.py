@@ -1,6 +1,8 @@
-"""Shared fixtures. The real-Synapse rig lives in `tests/synapse_rig.py`, the fake
-homeserver in `tests/fake_homeserver.py`, the `require` fixture for nginx and Node.js
-in `tests/prerequisites.py`; all are loaded as plugins here."""
+"""Shared fixtures: `http` (the tests' HTTP client), `msc3391` (the proxy's feature off
+and on), `start_proxy` (a proxy in this process). Loaded as plugins here: the fixtures
+over the rig in `tests/rig_fixtures.py` (`synapse`, `synapse_msc3391`, `synapse_factory`,
+`proxy_process`, `unique_name`, `require`) and the fake homeserver's `fake_hs` in
+`tests/fake_homeserver.py`. Matrix paths and calls for the tests: `tests/matrix.py`."""
 
 from __future__ import annotations
 
@@ -8,22 +10,40 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from proxy.config import parse_config
 from proxy.server import ProxyServer
+from rig.proxy_process import merged
 
-pytest_plugins = ["tests.synapse_rig", "tests.fake_homeserver", "tests.prerequisites"]
+pytest_plugins = ["tests.rig_fixtures", "tests.fake_homeserver"]
 
 StartProxy = Callable[..., Awaitable[ProxyServer]]
+
+# Longer than any long-poll or transfer a test makes, short enough that a hung request
+# fails its test in reasonable time.
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=60)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """The tests' HTTP client (aiohttp's defaults, a total timeout per request)."""
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
+        yield session
+
+
+@pytest.fixture(params=[False, True], ids=["msc3391-off", "msc3391-on"])
+def msc3391(request: pytest.FixtureRequest) -> bool:
+    """The proxy's `experimental_features.msc3391_enabled`: each test that takes it runs
+    with the feature off (a pass-through) and on."""
+    return request.param
 
 
 @pytest.fixture
 async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     """`await start_proxy(upstream_url, msc3391=True, proxy={...}, ...)`: a proxy in
     this process on a free loopback port; stopped at the end of the test."""
-    from tests.synapse_rig import merged  # here, not at the top: pytest loads it as a plugin
-
     servers: list[ProxyServer] = []
 
     async def start(upstream_url: str, *, msc3391: bool = True, **sections: Any) -> ProxyServer:

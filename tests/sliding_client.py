@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
-from tests.matrix_client import Device, Reply
+from tests.matrix import Device, Reply
 
 SLIDING_SYNC = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
 # The account data extension as Element X's room list connection enables it: every list

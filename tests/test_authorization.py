@@ -13,9 +13,8 @@ in this process or in the proxy run as `python -m proxy` at DEBUG.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -24,13 +23,14 @@ import pytest
 from yarl import URL
 
 from proxy.server import ProxyServer
+from rig.proxy_process import ProxyProcess
+from tests import matrix
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver
+from tests.matrix import ALICE, BOB, MSC3391, ROOM
 from tests.raw_http import raw_request
 from tests.store_check import Snapshot, snapshot
-from tests.synapse_rig import ProxyProcess
 
-ALICE, BOB = "@alice:localhost", "@bob:localhost"
 ALICE_TOKEN, ALICE_SHARED_TOKEN = "syt_authz_alice_a1", "syt_authz_alice_shared"
 BOB_TOKEN, BOB_SHARED_TOKEN = "syt_authz_bob_b1", "syt_authz_bob_shared"
 AS_TOKEN = "as_authz_secret_token"
@@ -38,8 +38,6 @@ BRIDGE = "@bridge:localhost"
 BRIDGE_ALICE, BRIDGE_BOB = "@bridge_alice:localhost", "@bridge_bob:localhost"
 KIND = "org.example.private"
 GONE = "org.example.gone"  # deleted by Alice: her SHARED device has a row for it
-ROOM = "!room:localhost"
-MSC3391 = "/_matrix/client/unstable/org.matrix.msc3391"
 
 # Every spelling of Alice's ID that Synapse decodes to "@alice:localhost".
 ALICE_SPELLINGS = [
@@ -83,12 +81,6 @@ def hs(fake_hs: FakeHomeserver) -> FakeHomeserver:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
-@pytest.fixture
 async def proxy(start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession) -> ProxyServer:
     """The proxy, after Alice deleted GONE (global and room): her SHARED device has rows."""
     proxy = await start_proxy(hs.url)
@@ -110,15 +102,9 @@ async def call(
     *,
     query_token: str | None = None,
 ) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     if query_token:
         target += ("&" if "?" in target else "?") + f"access_token={query_token}"
-    data = None if body is None else json.dumps(body).encode()
-    async with http.request(
-        method, URL(proxy.url + target, encoded=True), headers=headers, data=data
-    ) as response:
-        raw = await response.read()
-    return response.status, json.loads(raw) if raw else None
+    return await matrix.call(http, method, URL(proxy.url + target, encoded=True), token, body)
 
 
 def forbidden(verb: str) -> dict[str, str]:

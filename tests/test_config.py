@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -10,8 +12,8 @@ import pytest
 
 from proxy.__main__ import main
 from proxy.config import _REQUIRED, _SCHEMA, ConfigError, load_config, parse_config
+from rig import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM = 'url = "http://127.0.0.1:8008"'
 
 
@@ -286,6 +288,55 @@ def test_command_line_reports_a_config_error_in_one_line(
     err = capsys.readouterr().err
     assert err.startswith("msc3391-proxy: config error: upstream.url: ")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("config", "names"),
+    [
+        ('[upstream]\nurl = "http://127.0.0.1:8008"\nurll = "x"\n', "upstream.urll"),
+        ('[upstream]\nurl = "http://127.0.0.1:8008"\n[lisen]\nport = 8009\n', "lisen"),
+        ('[upstream]\nurl = "ftp://127.0.0.1:8008"\n', "upstream.url"),
+        ('[upstream]\nurl = "http://127.0.0.1:8008/base"\n', "upstream.url"),
+        ("[listen]\nport = 8009\n", "upstream.url"),
+        ('[listen]\nport = "8009"\n[upstream]\nurl = "http://127.0.0.1:8008"\n', "listen.port"),
+        ('[upstream]\nurl = "http://127.0.0.1:8008"\n[proxy]\nlog_level = "LOUD"\n', "proxy.log_level"),
+        ("[upstream\n", "not valid TOML"),
+        (None, "no such file"),
+    ],
+    ids=[
+        "unknown-key",
+        "unknown-section",
+        "bad-scheme",
+        "url-path",
+        "missing-url",
+        "port-type",
+        "level",
+        "toml",
+        "no-file",
+    ],
+)
+def test_a_config_mistake_exits_2_with_one_line_naming_it(
+    tmp_path: Path, config: str | None, names: str
+) -> None:
+    path = tmp_path / "proxy.toml"
+    if config is not None:
+        path.write_text(config)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("msc3391-proxy: config error: ")
+    assert names in lines[0]
+    if config is None:
+        assert str(path) in lines[0]
 
 
 # --- the example file --------------------------------------------------------------------

@@ -25,30 +25,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
 
 from proxy.app import CONTEXT
 from proxy.server import ProxyServer
+from rig.proxy_process import ProxyProcess
+from tests import matrix
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver
+from tests.matrix import ALICE, MSC3391, V3, account_data_path
 from tests.store_check import assert_consistent, snapshot, wait_for_store
-from tests.synapse_rig import ProxyProcess
 
-ALICE = "@alice:localhost"
 DELETER, SECOND, THIRD = "ALICE1", "ALICE2", "ALICE3"
 TOKENS = {DELETER: "syt_crash_alice_1", SECOND: "syt_crash_alice_2", THIRD: "syt_crash_alice_3"}
 KIND = "org.example.crash"
 BEFORE = {"v": 1}
 OTHER_KIND, OTHER = "org.example.bystander", {"keep": True}
 
-DATA = f"/_matrix/client/v3/user/{quote(ALICE, safe='')}/account_data/{KIND}"
-DELETE = f"/_matrix/client/unstable/org.matrix.msc3391/user/{quote(ALICE, safe='')}/account_data/{KIND}"
+DATA = account_data_path(V3, ALICE, KIND)
+DELETE = account_data_path(MSC3391, ALICE, KIND)
 # Patterns for the fake's faults (raw path, no query).
 WHOAMI = r"/account/whoami$"
 ACCOUNT_DATA = r"/account_data/org\.example\.crash$"
@@ -64,12 +65,6 @@ def hs(fake_hs: FakeHomeserver) -> FakeHomeserver:
     return fake_hs
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
 def is_live(hs: FakeHomeserver) -> Callable[[str, str | None, str], bool]:
     return lambda user, room, kind: bool(hs.account_data(user, kind, room))
 
@@ -77,9 +72,8 @@ def is_live(hs: FakeHomeserver) -> Callable[[str, str | None, str], bool]:
 async def call(
     http: aiohttp.ClientSession, base: str, method: str, path: str, device: str = DELETER
 ) -> tuple[int, bytes, str | None]:
-    headers = {"Authorization": f"Bearer {TOKENS[device]}"}
-    async with http.request(method, base + path, headers=headers) as response:
-        return response.status, await response.read(), response.headers.get("Content-Type")
+    reply = await matrix.request(http, method, base + path, token=TOKENS[device])
+    return reply.status, reply.raw, reply.content_type
 
 
 async def sync(http: aiohttp.ClientSession, base: str, device: str, since: str | None) -> dict[str, Any]:
@@ -390,7 +384,7 @@ async def test_a_refused_write_is_settled_once_the_homeserver_is_back(
     assert pending.rows_of(ALICE) == {(None, KIND, SECOND), (None, KIND, THIRD)}
     await hs.come_up()
 
-    other = f"/_matrix/client/v3/user/{quote(ALICE, safe='')}/account_data/{OTHER_KIND}"
+    other = account_data_path(V3, ALICE, OTHER_KIND)
     status, body, _ = await call(http, proxy.url, "GET", other)
     assert (status, json.loads(body)) == (200, OTHER)
     assert_untouched(hs, store)
@@ -450,7 +444,7 @@ async def test_an_intent_settled_by_many_requests_at_once_is_committed_once(
 
     # Every settling read-back is slow, so all the requests find the intent pending.
     hs.fault(ACCOUNT_DATA, method="GET", delay=0.3, times=20)
-    other = f"/_matrix/client/v3/user/{quote(ALICE, safe='')}/account_data/{OTHER_KIND}"
+    other = account_data_path(V3, ALICE, OTHER_KIND)
     answers = await asyncio.gather(*(call(http, proxy.url, "GET", other) for _ in range(8)))
 
     assert [a[0] for a in answers] == [200] * 8

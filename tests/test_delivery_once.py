@@ -21,30 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import aiohttp
-import pytest
 
 from proxy.rewrite import NUDGE_TYPE
 from proxy.server import ProxyServer
 from proxy.store import sqlite_store
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver
+from tests.matrix import ALICE, MSC3391, account_data_path
 from tests.store_check import snapshot
 
-ALICE = "@alice:localhost"
 TOKENS = {"A1": "syt_once_alice_1", "A2": "syt_once_alice_2"}
 KIND = "org.example.once"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
 
 
 async def sync(
@@ -72,7 +64,7 @@ async def test_a_deletion_that_wakes_a_waiting_long_poll_is_not_delivered_again(
 
     waiting = asyncio.ensure_future(sync(http, proxy.url, "A2", start, timeout_ms=20_000))
     await asyncio.wait_for(fake_hs.wait_for_requests(r"/sync$", 2), 10)  # the long-poll waits upstream
-    path = f"/_matrix/client/unstable/org.matrix.msc3391/user/{quote(ALICE)}/account_data/{KIND}"
+    path = account_data_path(MSC3391, ALICE, KIND)
     async with http.delete(proxy.url + path, headers={"Authorization": f"Bearer {TOKENS['A1']}"}) as response:
         assert response.status == 200
     first = await asyncio.wait_for(waiting, 10)
@@ -110,7 +102,7 @@ async def delete_and_start_after(
         fake_hs.add_device(ALICE, device, token=token)
     fake_hs.set_account_data(ALICE, KIND, {"v": 1})
     proxy = await start_proxy(fake_hs.url)
-    path = f"/_matrix/client/unstable/org.matrix.msc3391/user/{quote(ALICE)}/account_data/{KIND}"
+    path = account_data_path(MSC3391, ALICE, KIND)
     async with http.delete(proxy.url + path, headers={"Authorization": f"Bearer {TOKENS['A1']}"}) as response:
         assert response.status == 200
     return proxy, fake_hs.next_batch
@@ -180,10 +172,7 @@ async def test_a_room_delete_in_a_room_the_user_has_left_does_not_wait_for_ever(
     fake_hs.join(ALICE, room)
     fake_hs.set_account_data(ALICE, KIND, {"v": 1}, room_id=room)
     proxy = await start_proxy(fake_hs.url)
-    path = (
-        f"/_matrix/client/unstable/org.matrix.msc3391/user/{quote(ALICE)}"
-        f"/rooms/{quote(room)}/account_data/{KIND}"
-    )
+    path = account_data_path(MSC3391, ALICE, KIND, room)
     async with http.delete(proxy.url + path, headers={"Authorization": f"Bearer {TOKENS['A1']}"}) as response:
         assert response.status == 200
     assert snapshot(proxy.config.store.path).rows_of(ALICE) == {(room, KIND, "A2")}

@@ -23,16 +23,11 @@ from yarl import URL
 from proxy.server import ProxyServer
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver, gzip_payload, pattern_chunks, pattern_sha256
+from tests.matrix import ALICE
 from tests.raw_http import raw_request
 
 MiB = 1024 * 1024
-ALICE = "@alice:localhost"
 ALICE_TOKEN = "alice_token_forwarding"
-
-
-@pytest.fixture(params=[False, True], ids=["msc3391-off", "msc3391-on"])
-def msc3391(request: pytest.FixtureRequest) -> bool:
-    return request.param
 
 
 @pytest.fixture
@@ -41,8 +36,9 @@ async def proxy(start_proxy: StartProxy, fake_hs: FakeHomeserver, msc3391: bool)
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    # No transparent decompression, no cookies: the client sees the bytes as they came.
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    # Not the shared client: no transparent decompression, no cookies, so that the test
+    # sees the bytes as they came.
     async with aiohttp.ClientSession(
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
@@ -136,10 +132,10 @@ async def test_method_raw_path_query_and_body_arrive_exactly(
 
 
 async def test_aiohttp_client_with_encoded_url_reaches_upstream_unchanged(
-    proxy: ProxyServer, fake_hs: FakeHomeserver, client: aiohttp.ClientSession
+    proxy: ProxyServer, fake_hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
     target = "/_fake/echo/%40alice%3Alocalhost/m.foo%2Fbar/%21r%3Ax/50%25?filter=%7B%22a%22%3A1%7D&x=%2F"
-    async with client.put(raw_url(proxy.url, target), data=b"hello") as response:
+    async with http.put(raw_url(proxy.url, target), data=b"hello") as response:
         echoed = await response.json()
     assert response.status == 200
     assert echoed["raw_path"] == target
@@ -292,10 +288,10 @@ async def test_x_forwarded_for_is_replaced_from_an_untrusted_peer(
 
 @pytest.mark.parametrize("size", [1000, 3 * MiB], ids=["small", "streamed"])
 async def test_gzip_body_arrives_byte_identical_and_still_encoded(
-    proxy: ProxyServer, fake_hs: FakeHomeserver, client: aiohttp.ClientSession, size: int
+    proxy: ProxyServer, fake_hs: FakeHomeserver, http: aiohttp.ClientSession, size: int
 ) -> None:
     plain, compressed = gzip_payload(size)
-    async with client.get(
+    async with http.get(
         f"{proxy.url}/_fake/gzip?size={size}", headers={"Accept-Encoding": "gzip"}
     ) as response:
         body = await response.read()
@@ -308,11 +304,11 @@ async def test_gzip_body_arrives_byte_identical_and_still_encoded(
 
 
 async def test_200_mib_upload_streams_with_flat_memory(
-    proxy: ProxyServer, fake_hs: FakeHomeserver, client: aiohttp.ClientSession
+    proxy: ProxyServer, fake_hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
     size = 200 * MiB
     # Warm up: connection pools, buffers and code paths exist before the measurement.
-    async with client.post(f"{proxy.url}/_fake/upload", data=b"x" * MiB) as response:
+    async with http.post(f"{proxy.url}/_fake/upload", data=b"x" * MiB) as response:
         assert response.status == 200
     watch = RssWatch()
     sent = hashlib.sha256()
@@ -324,7 +320,7 @@ async def test_200_mib_upload_streams_with_flat_memory(
                 watch.sample()
             yield chunk
 
-    async with client.post(
+    async with http.post(
         f"{proxy.url}/_fake/upload",
         data=body(),
         headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
@@ -340,18 +336,18 @@ async def test_200_mib_upload_streams_with_flat_memory(
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_200_mib_download_streams_with_flat_memory(
-    proxy: ProxyServer, client: aiohttp.ClientSession, chunked: bool
+    proxy: ProxyServer, http: aiohttp.ClientSession, chunked: bool
 ) -> None:
     size = 200 * MiB
     expected = pattern_sha256(size)
     query = f"size={size}" + ("&chunked=1" if chunked else "")
-    async with client.get(f"{proxy.url}/_fake/download?size={MiB}") as response:
+    async with http.get(f"{proxy.url}/_fake/download?size={MiB}") as response:
         await response.read()  # warm-up
     watch = RssWatch()
     received = hashlib.sha256()
     got = 0
 
-    async with client.get(f"{proxy.url}/_fake/download?{query}") as response:
+    async with http.get(f"{proxy.url}/_fake/download?{query}") as response:
         assert response.status == 200
         if not chunked:
             assert response.headers["Content-Length"] == str(size)
@@ -368,7 +364,7 @@ async def test_200_mib_download_streams_with_flat_memory(
 
 
 async def test_chunked_upload_is_streamed_through(
-    proxy: ProxyServer, fake_hs: FakeHomeserver, client: aiohttp.ClientSession
+    proxy: ProxyServer, fake_hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
     size = 8 * MiB + 123
 
@@ -376,7 +372,7 @@ async def test_chunked_upload_is_streamed_through(
         for chunk in pattern_chunks(size):
             yield chunk
 
-    async with client.put(f"{proxy.url}/_fake/upload", data=body()) as response:
+    async with http.put(f"{proxy.url}/_fake/upload", data=body()) as response:
         received = await response.json()
 
     assert received == {"size": size, "sha256": pattern_sha256(size)}
@@ -397,22 +393,22 @@ async def test_chunked_upload_is_streamed_through(
     ],
 )
 async def test_upstream_down_is_a_502_matrix_error(
-    proxy: ProxyServer, fake_hs: FakeHomeserver, client: aiohttp.ClientSession, method: str, target: str
+    proxy: ProxyServer, fake_hs: FakeHomeserver, http: aiohttp.ClientSession, method: str, target: str
 ) -> None:
-    async with client.get(f"{proxy.url}/_fake/echo/warm") as response:
+    async with http.get(f"{proxy.url}/_fake/echo/warm") as response:
         assert response.status == 200  # a pooled connection exists and must not be trusted
     await fake_hs.go_down()
 
-    async with client.request(method, raw_url(proxy.url, target), data=b"{}") as response:
+    async with http.request(method, raw_url(proxy.url, target), data=b"{}") as response:
         body = await response.read()
     assert_matrix_error(response.status, body, response.headers.get("Content-Type"), 502)
 
 
 async def test_upstream_silent_beyond_read_timeout_is_a_504_matrix_error(
-    start_proxy: StartProxy, fake_hs: FakeHomeserver, client: aiohttp.ClientSession, msc3391: bool
+    start_proxy: StartProxy, fake_hs: FakeHomeserver, http: aiohttp.ClientSession, msc3391: bool
 ) -> None:
     proxy = await start_proxy(fake_hs.url, msc3391=msc3391, upstream={"read_timeout": 0.5})
-    async with client.get(f"{proxy.url}/_fake/slow?delay=5") as response:
+    async with http.get(f"{proxy.url}/_fake/slow?delay=5") as response:
         body = await response.read()
     assert_matrix_error(response.status, body, response.headers.get("Content-Type"), 504)
 
@@ -425,10 +421,10 @@ class Outcome:
     broken: BaseException | None = None
 
 
-async def fetch(client: aiohttp.ClientSession, url: str) -> Outcome:
+async def fetch(http: aiohttp.ClientSession, url: str) -> Outcome:
     outcome = Outcome()
     try:
-        async with client.get(url) as response:
+        async with http.get(url) as response:
             outcome.status = response.status
             outcome.content_type = response.headers.get("Content-Type")
             outcome.body = await response.read()
@@ -448,10 +444,10 @@ async def fetch(client: aiohttp.ClientSession, url: str) -> Outcome:
     ],
 )
 async def test_upstream_reset_mid_body_never_looks_complete(
-    proxy: ProxyServer, client: aiohttp.ClientSession, query: str, expect: str
+    proxy: ProxyServer, http: aiohttp.ClientSession, query: str, expect: str
 ) -> None:
     size = int(query.split("&")[0].removeprefix("size="))
-    outcome = await fetch(client, f"{proxy.url}/_fake/reset?{query}")
+    outcome = await fetch(http, f"{proxy.url}/_fake/reset?{query}")
 
     assert not (outcome.broken is None and outcome.status == 200 and len(outcome.body) == size)
     if outcome.broken is None:
@@ -462,9 +458,9 @@ async def test_upstream_reset_mid_body_never_looks_complete(
 
 
 async def test_client_disconnect_cancels_the_upstream_request(
-    proxy: ProxyServer, fake_hs: FakeHomeserver, client: aiohttp.ClientSession
+    proxy: ProxyServer, fake_hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
-    request = asyncio.ensure_future(client.get(f"{proxy.url}/_fake/hang"))
+    request = asyncio.ensure_future(http.get(f"{proxy.url}/_fake/hang"))
     await asyncio.wait_for(fake_hs.hang_started.wait(), 5)
     request.cancel()  # closes the client's connection to the proxy
     with contextlib.suppress(asyncio.CancelledError):
@@ -486,7 +482,7 @@ def alice(fake_hs: FakeHomeserver) -> dict[str, str]:
 async def test_sync_long_poll_gets_the_clients_timeout_plus_margin(
     start_proxy: StartProxy,
     fake_hs: FakeHomeserver,
-    client: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
     alice: dict[str, str],
     msc3391: bool,
 ) -> None:
@@ -494,7 +490,7 @@ async def test_sync_long_poll_gets_the_clients_timeout_plus_margin(
     fake_hs.set_account_data(ALICE, "m.news", {"n": 1})  # so the fake answers once the delay is over
     fake_hs.fault(r"/sync$", delay=1.5)  # the homeserver holds the long-poll 1.5 s
 
-    async with client.get(
+    async with http.get(
         f"{proxy.url}/_matrix/client/v3/sync?since=s0&timeout=3000", headers=alice
     ) as response:
         body = await response.read()
@@ -505,7 +501,7 @@ async def test_sync_long_poll_gets_the_clients_timeout_plus_margin(
 async def test_sync_without_a_long_poll_gets_only_the_margin(
     start_proxy: StartProxy,
     fake_hs: FakeHomeserver,
-    client: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
     alice: dict[str, str],
     msc3391: bool,
 ) -> None:
@@ -514,9 +510,7 @@ async def test_sync_without_a_long_poll_gets_only_the_margin(
     )
     fake_hs.fault(r"/sync$", delay=5)
 
-    async with client.get(
-        f"{proxy.url}/_matrix/client/v3/sync?since=s0&timeout=0", headers=alice
-    ) as response:
+    async with http.get(f"{proxy.url}/_matrix/client/v3/sync?since=s0&timeout=0", headers=alice) as response:
         body = await response.read()
     assert_matrix_error(response.status, body, response.headers.get("Content-Type"), 504)
 
@@ -524,14 +518,14 @@ async def test_sync_without_a_long_poll_gets_only_the_margin(
 async def test_initial_sync_gets_the_initial_sync_timeout(
     start_proxy: StartProxy,
     fake_hs: FakeHomeserver,
-    client: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
     alice: dict[str, str],
     msc3391: bool,
 ) -> None:
     proxy = await start_proxy(fake_hs.url, msc3391=msc3391, upstream={"read_timeout": 0.5})
     fake_hs.fault(r"/sync$", delay=1.5)  # a large account's initial sync is slow
 
-    async with client.get(f"{proxy.url}/_matrix/client/v3/sync", headers=alice) as response:
+    async with http.get(f"{proxy.url}/_matrix/client/v3/sync", headers=alice) as response:
         body = await response.read()
     assert response.status == 200, body
     assert json.loads(body)["next_batch"] == fake_hs.next_batch
@@ -541,7 +535,7 @@ async def test_initial_sync_gets_the_initial_sync_timeout(
 
 
 async def direct_and_proxied(
-    client: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
     fake_hs: FakeHomeserver,
     proxy: ProxyServer,
     method: str,
@@ -550,13 +544,13 @@ async def direct_and_proxied(
 ) -> tuple[tuple[int, bytes], tuple[int, bytes]]:
     results = []
     for base in (fake_hs.url, proxy.url):
-        async with client.request(method, raw_url(base, target), **kw) as response:
+        async with http.request(method, raw_url(base, target), **kw) as response:
             results.append((response.status, await response.read()))
     return results[0], results[1]
 
 
 async def test_msc3391_off_intercepts_nothing(
-    start_proxy: StartProxy, fake_hs: FakeHomeserver, client: aiohttp.ClientSession, alice: dict[str, str]
+    start_proxy: StartProxy, fake_hs: FakeHomeserver, http: aiohttp.ClientSession, alice: dict[str, str]
 ) -> None:
     proxy = await start_proxy(fake_hs.url, msc3391=False)
     user = "%40alice%3Alocalhost"
@@ -564,7 +558,7 @@ async def test_msc3391_off_intercepts_nothing(
 
     # The unstable DELETE reaches the homeserver, which (flag off) does not know it.
     target = f"/_matrix/client/unstable/org.matrix.msc3391/user/{user}/account_data/m.gone"
-    direct, proxied = await direct_and_proxied(client, fake_hs, proxy, "DELETE", target, headers=alice)
+    direct, proxied = await direct_and_proxied(http, fake_hs, proxy, "DELETE", target, headers=alice)
     assert proxied == direct
     assert proxied[0] == 404 and json.loads(proxied[1])["errcode"] == "M_UNRECOGNIZED"
     assert fake_hs.last_request().raw_path == target
@@ -572,16 +566,16 @@ async def test_msc3391_off_intercepts_nothing(
 
     # PUT {} stores {}, and GET returns it: no delete semantics.
     target = f"/_matrix/client/v3/user/{user}/account_data/m.gone"
-    async with client.put(raw_url(proxy.url, target), json={}, headers=alice) as response:
+    async with http.put(raw_url(proxy.url, target), json={}, headers=alice) as response:
         assert response.status == 200
     assert fake_hs.account_data(ALICE, "m.gone") == {}
-    direct, proxied = await direct_and_proxied(client, fake_hs, proxy, "GET", target, headers=alice)
+    direct, proxied = await direct_and_proxied(http, fake_hs, proxy, "GET", target, headers=alice)
     assert proxied == direct == (200, b"{}")
 
     # /versions, initial and incremental sync: byte for byte what the homeserver said.
     seen = {}
     for path in ("/_matrix/client/versions", "/_matrix/client/v3/sync", "/_matrix/client/v3/sync?since=s0"):
-        direct, proxied = await direct_and_proxied(client, fake_hs, proxy, "GET", path, headers=alice)
+        direct, proxied = await direct_and_proxied(http, fake_hs, proxy, "GET", path, headers=alice)
         assert proxied == direct, path
         seen[path] = proxied[1]
     assert b"org.matrix.msc3391" not in seen["/_matrix/client/versions"]
@@ -593,18 +587,18 @@ async def test_msc3391_off_intercepts_nothing(
 
 
 async def test_msc3391_off_forwards_the_unstable_delete_to_a_homeserver_that_has_it(
-    start_proxy: StartProxy, fake_hs: FakeHomeserver, client: aiohttp.ClientSession, alice: dict[str, str]
+    start_proxy: StartProxy, fake_hs: FakeHomeserver, http: aiohttp.ClientSession, alice: dict[str, str]
 ) -> None:
     fake_hs.msc3391_enabled = True  # the homeserver's own flag
     proxy = await start_proxy(fake_hs.url, msc3391=False)
     fake_hs.set_account_data(ALICE, "m.gone", {"a": 1})
     target = "/_matrix/client/unstable/org.matrix.msc3391/user/%40alice%3Alocalhost/account_data/m.gone"
 
-    async with client.delete(raw_url(proxy.url, target), headers=alice) as response:
+    async with http.delete(raw_url(proxy.url, target), headers=alice) as response:
         assert response.status == 200
         assert await response.json() == {}
     assert fake_hs.account_data(ALICE, "m.gone") == {}
-    async with client.get(f"{proxy.url}/_matrix/client/versions") as response:
+    async with http.get(f"{proxy.url}/_matrix/client/versions") as response:
         versions = await response.json()
     assert versions == fake_hs.versions
     assert fake_hs.whoami_calls == 0

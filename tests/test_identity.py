@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
@@ -23,10 +22,11 @@ from proxy.app import CONTEXT
 from proxy.server import ProxyServer
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver
+from tests.matrix import ALICE, BOB, V3, account_data_path
 from tests.raw_http import raw_request
 
-ALICE, ALICE_TOKEN = "@alice:localhost", "syt_alice_secret_token_3391"
-BOB, BOB_TOKEN = "@bob:localhost", "syt_bob_secret_token_3391"
+ALICE_TOKEN = "syt_alice_secret_token_3391"
+BOB_TOKEN = "syt_bob_secret_token_3391"
 CAROL, CAROL_TOKEN = "@carol:localhost", "syt_carol_secret_token_3391"
 AS_TOKEN = "as_secret_token_3391"
 BRIDGE = "@bridge:localhost"
@@ -47,14 +47,8 @@ def hs(fake_hs: FakeHomeserver) -> FakeHomeserver:
     return fake_hs
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
 def target(user_id: str, query: str = "") -> str:
-    path = f"/_matrix/client/v3/user/{quote(user_id, safe='')}/account_data/m.test"
+    path = account_data_path(V3, user_id, "m.test")
     return f"{path}?{query}" if query else path
 
 
@@ -63,9 +57,9 @@ def bearer(token: str) -> dict[str, str]:
 
 
 async def get(
-    client: aiohttp.ClientSession, proxy: ProxyServer | FakeHomeserver, path: str, **kwargs: Any
+    http: aiohttp.ClientSession, proxy: ProxyServer | FakeHomeserver, path: str, **kwargs: Any
 ) -> tuple[int, bytes, str | None]:
-    async with client.get(URL(proxy.url + path, encoded=True), **kwargs) as response:
+    async with http.get(URL(proxy.url + path, encoded=True), **kwargs) as response:
         return response.status, await response.read(), response.headers.get("Content-Type")
 
 
@@ -77,11 +71,11 @@ def who(body: bytes) -> str:
 
 
 async def test_whoami_gets_the_token_from_the_header(
-    start_proxy: StartProxy, hs: FakeHomeserver, client: aiohttp.ClientSession
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(hs.url)
     status, body, _ = await get(
-        client, proxy, target(ALICE), headers={**bearer(ALICE_TOKEN), "User-Agent": "client/1"}
+        http, proxy, target(ALICE), headers={**bearer(ALICE_TOKEN), "User-Agent": "client/1"}
     )
 
     assert (status, who(body)) == (200, ALICE)
@@ -92,10 +86,10 @@ async def test_whoami_gets_the_token_from_the_header(
 
 
 async def test_whoami_gets_the_token_from_the_query(
-    start_proxy: StartProxy, hs: FakeHomeserver, client: aiohttp.ClientSession
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(hs.url)
-    status, body, _ = await get(client, proxy, target(ALICE, f"access_token={ALICE_TOKEN}"))
+    status, body, _ = await get(http, proxy, target(ALICE, f"access_token={ALICE_TOKEN}"))
 
     assert (status, who(body)) == (200, ALICE)
     [call] = hs.whoami_requests
@@ -105,11 +99,11 @@ async def test_whoami_gets_the_token_from_the_query(
 
 @pytest.mark.parametrize("device_param", ["device_id", "org.matrix.msc3202.device_id"])
 async def test_whoami_gets_the_masquerade_parameters(
-    start_proxy: StartProxy, hs: FakeHomeserver, client: aiohttp.ClientSession, device_param: str
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession, device_param: str
 ) -> None:
     proxy = await start_proxy(hs.url)
     query = f"user_id={quote(BRIDGE_ALICE)}&{device_param}=BRIDGEDEV"
-    status, body, _ = await get(client, proxy, target(BRIDGE_ALICE, query), headers=bearer(AS_TOKEN))
+    status, body, _ = await get(http, proxy, target(BRIDGE_ALICE, query), headers=bearer(AS_TOKEN))
 
     assert (status, who(body)) == (200, BRIDGE_ALICE)
     [call] = hs.whoami_requests
@@ -132,58 +126,58 @@ async def test_whoami_gets_the_client_address(start_proxy: StartProxy, hs: FakeH
 
 
 async def test_second_request_is_answered_from_the_cache(
-    start_proxy: StartProxy, hs: FakeHomeserver, client: aiohttp.ClientSession
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(hs.url)
     for _ in range(3):
-        status, body, _ = await get(client, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
+        status, body, _ = await get(http, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
         assert (status, who(body)) == (200, ALICE)
     assert hs.whoami_calls == 1
 
 
 async def test_header_and_query_tokens_are_separate_entries(
-    start_proxy: StartProxy, hs: FakeHomeserver, client: aiohttp.ClientSession
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(hs.url)
-    await get(client, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
-    await get(client, proxy, target(ALICE, f"access_token={ALICE_TOKEN}"))
-    await get(client, proxy, target(BOB), headers=bearer(BOB_TOKEN))
+    await get(http, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
+    await get(http, proxy, target(ALICE, f"access_token={ALICE_TOKEN}"))
+    await get(http, proxy, target(BOB), headers=bearer(BOB_TOKEN))
     assert hs.whoami_calls == 3
 
 
 async def test_cache_entries_expire_after_the_ttl(
-    start_proxy: StartProxy, hs: FakeHomeserver, client: aiohttp.ClientSession
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(hs.url, proxy={"identity_cache_ttl": 0.2})
-    await get(client, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
-    await get(client, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
+    await get(http, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
+    await get(http, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
     assert hs.whoami_calls == 1
 
     await asyncio.sleep(0.3)  # past the configured TTL
-    status, body, _ = await get(client, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
+    status, body, _ = await get(http, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
     assert (status, who(body)) == (200, ALICE)
     assert hs.whoami_calls == 2
 
 
 async def test_cache_is_bounded_in_size(
-    start_proxy: StartProxy, hs: FakeHomeserver, client: aiohttp.ClientSession
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(hs.url, proxy={"identity_cache_size": 2})
     for user, token in ((ALICE, ALICE_TOKEN), (BOB, BOB_TOKEN), (CAROL, CAROL_TOKEN)):
-        status, body, _ = await get(client, proxy, target(user), headers=bearer(token))
+        status, body, _ = await get(http, proxy, target(user), headers=bearer(token))
         assert (status, who(body)) == (200, user)
     assert hs.whoami_calls == 3
 
     # Alice's entry, the oldest, was evicted to make room for Carol's.
-    await get(client, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
+    await get(http, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
     assert hs.whoami_calls == 4
     # Carol's is still there.
-    await get(client, proxy, target(CAROL), headers=bearer(CAROL_TOKEN))
+    await get(http, proxy, target(CAROL), headers=bearer(CAROL_TOKEN))
     assert hs.whoami_calls == 4
 
 
 async def test_concurrent_requests_with_one_token_share_one_whoami(
-    start_proxy: StartProxy, hs: FakeHomeserver, client: aiohttp.ClientSession
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(hs.url)
     identity = proxy.app[CONTEXT].identity
@@ -192,8 +186,7 @@ async def test_concurrent_requests_with_one_token_share_one_whoami(
     n = 20
 
     requests = [
-        asyncio.ensure_future(get(client, proxy, target(ALICE), headers=bearer(ALICE_TOKEN)))
-        for _ in range(n)
+        asyncio.ensure_future(get(http, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))) for _ in range(n)
     ]
     # Every request has reached the identity layer and found no cached answer. The proxy
     # has no event to wait on for that, so poll its counter (bounded by the timeout).
@@ -208,34 +201,34 @@ async def test_concurrent_requests_with_one_token_share_one_whoami(
 
 
 async def test_masquerade_targets_do_not_share_cache_entries(
-    start_proxy: StartProxy, hs: FakeHomeserver, client: aiohttp.ClientSession
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(hs.url)
     as_header = bearer(AS_TOKEN)
 
     status, body, _ = await get(
-        client, proxy, target(BRIDGE_ALICE, f"user_id={quote(BRIDGE_ALICE)}"), headers=as_header
+        http, proxy, target(BRIDGE_ALICE, f"user_id={quote(BRIDGE_ALICE)}"), headers=as_header
     )
     assert (status, who(body)) == (200, BRIDGE_ALICE)
     # Same token, another user: a cache shared by token would make this Bridge Alice
     # asking for Bridge Bob's data (403).
     status, body, _ = await get(
-        client, proxy, target(BRIDGE_BOB, f"user_id={quote(BRIDGE_BOB)}"), headers=as_header
+        http, proxy, target(BRIDGE_BOB, f"user_id={quote(BRIDGE_BOB)}"), headers=as_header
     )
     assert (status, who(body)) == (200, BRIDGE_BOB)
     # Same token and user, with a device: another entry again.
     query = f"user_id={quote(BRIDGE_ALICE)}&device_id=BRIDGEDEV"
-    status, body, _ = await get(client, proxy, target(BRIDGE_ALICE, query), headers=as_header)
+    status, body, _ = await get(http, proxy, target(BRIDGE_ALICE, query), headers=as_header)
     assert (status, who(body)) == (200, BRIDGE_ALICE)
     # The appservice as itself: its sender, who may not read Bridge Alice's data.
-    status, body, _ = await get(client, proxy, target(BRIDGE_ALICE), headers=as_header)
+    status, body, _ = await get(http, proxy, target(BRIDGE_ALICE), headers=as_header)
     assert status == 403
     assert json.loads(body) == {"errcode": "M_FORBIDDEN", "error": "Cannot get account data for other users."}
     assert hs.whoami_calls == 4
 
     # Each of them is cached on its own.
-    await get(client, proxy, target(BRIDGE_BOB, f"user_id={quote(BRIDGE_BOB)}"), headers=as_header)
-    await get(client, proxy, target(BRIDGE_ALICE, f"user_id={quote(BRIDGE_ALICE)}"), headers=as_header)
+    await get(http, proxy, target(BRIDGE_BOB, f"user_id={quote(BRIDGE_BOB)}"), headers=as_header)
+    await get(http, proxy, target(BRIDGE_ALICE, f"user_id={quote(BRIDGE_ALICE)}"), headers=as_header)
     assert hs.whoami_calls == 4
 
 
@@ -310,15 +303,15 @@ async def test_token_in_both_places_gets_the_homeservers_answer(
 
 
 async def test_a_refused_token_is_not_cached(
-    start_proxy: StartProxy, hs: FakeHomeserver, client: aiohttp.ClientSession
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(hs.url)
     token = "syt_logged_in_later_3391"
-    status, _, _ = await get(client, proxy, target(ALICE), headers=bearer(token))
+    status, _, _ = await get(http, proxy, target(ALICE), headers=bearer(token))
     assert status == 401
 
     hs.tokens[token] = (ALICE, "NEWDEV")  # the user logs in: the token now exists
-    status, body, _ = await get(client, proxy, target(ALICE), headers=bearer(token))
+    status, body, _ = await get(http, proxy, target(ALICE), headers=bearer(token))
     assert (status, who(body)) == (200, ALICE)
 
 
@@ -334,18 +327,18 @@ def assert_gateway_error(status: int, body: bytes, content_type: str | None, exp
 
 
 async def test_whoami_unreachable_is_a_502_never_a_token_error(
-    start_proxy: StartProxy, hs: FakeHomeserver, client: aiohttp.ClientSession
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(hs.url)
     await hs.go_down()
 
     for headers, query in ((bearer(ALICE_TOKEN), ""), ({}, f"access_token={ALICE_TOKEN}")):
-        status, body, content_type = await get(client, proxy, target(ALICE, query), headers=headers)
+        status, body, content_type = await get(http, proxy, target(ALICE, query), headers=headers)
         assert_gateway_error(status, body, content_type, 502)
 
     # Nothing was cached from the failure: once back, the same token works.
     await hs.come_up()
-    status, body, _ = await get(client, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
+    status, body, _ = await get(http, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
     assert (status, who(body)) == (200, ALICE)
 
 
@@ -365,14 +358,14 @@ async def test_whoami_unreachable_is_a_502_never_a_token_error(
 async def test_whoami_failing_is_a_gateway_error(
     start_proxy: StartProxy,
     hs: FakeHomeserver,
-    client: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
     fault: dict[str, Any],
     expected: int,
 ) -> None:
     proxy = await start_proxy(hs.url, upstream={"read_timeout": 0.5})
     hs.fault(WHOAMI, **fault)
 
-    status, body, content_type = await get(client, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
+    status, body, content_type = await get(http, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
     assert_gateway_error(status, body, content_type, expected)
     assert hs.requests_to(r"/account_data/") == []
 
@@ -383,7 +376,7 @@ async def test_whoami_failing_is_a_gateway_error(
 async def test_no_token_ever_reaches_a_log_record(
     start_proxy: StartProxy,
     hs: FakeHomeserver,
-    client: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)  # the root logger: every logger propagates here
@@ -391,28 +384,28 @@ async def test_no_token_ever_reaches_a_log_record(
     secrets = [ALICE_TOKEN, AS_TOKEN, "syt_unknown_token_3391"]
 
     # Successes, header and query.
-    await get(client, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
-    await get(client, proxy, target(ALICE, f"access_token={ALICE_TOKEN}&x=1"))
-    await get(client, proxy, target(BRIDGE_ALICE, f"user_id={quote(BRIDGE_ALICE)}&access_token={AS_TOKEN}"))
+    await get(http, proxy, target(ALICE), headers=bearer(ALICE_TOKEN))
+    await get(http, proxy, target(ALICE, f"access_token={ALICE_TOKEN}&x=1"))
+    await get(http, proxy, target(BRIDGE_ALICE, f"user_id={quote(BRIDGE_ALICE)}&access_token={AS_TOKEN}"))
     # Refusals.
-    await get(client, proxy, target(ALICE), headers=bearer("syt_unknown_token_3391"))
-    await get(client, proxy, target(ALICE, "access_token=syt_unknown_token_3391"))
-    await get(client, proxy, target(ALICE, f"access_token={ALICE_TOKEN}"), headers=bearer(ALICE_TOKEN))
-    await get(client, proxy, target(BOB, f"access_token={ALICE_TOKEN}"))  # 403
+    await get(http, proxy, target(ALICE), headers=bearer("syt_unknown_token_3391"))
+    await get(http, proxy, target(ALICE, "access_token=syt_unknown_token_3391"))
+    await get(http, proxy, target(ALICE, f"access_token={ALICE_TOKEN}"), headers=bearer(ALICE_TOKEN))
+    await get(http, proxy, target(BOB, f"access_token={ALICE_TOKEN}"))  # 403
     # Forwarded requests carrying a token.
-    await get(client, proxy, f"/_fake/echo/x?access_token={ALICE_TOKEN}")
-    await get(client, proxy, f"/_matrix/client/v3/rooms/!r:x/messages?access_token={ALICE_TOKEN}")
+    await get(http, proxy, f"/_fake/echo/x?access_token={ALICE_TOKEN}")
+    await get(http, proxy, f"/_matrix/client/v3/rooms/!r:x/messages?access_token={ALICE_TOKEN}")
     # Failures: whoami broken, hung, then the homeserver gone.
     fault = hs.fault(WHOAMI, status=500, body=b"oops", content_type="text/plain", times=1)
-    await get(client, proxy, target(CAROL, "access_token=syt_carol_x_3391&a=b"))
+    await get(http, proxy, target(CAROL, "access_token=syt_carol_x_3391&a=b"))
     assert fault.hits == 1
     hs.fault(WHOAMI, hang=True, times=1)
-    await get(client, proxy, target(CAROL), headers=bearer("syt_carol_y_3391"))
+    await get(http, proxy, target(CAROL), headers=bearer("syt_carol_y_3391"))
     secrets += ["syt_carol_x_3391", "syt_carol_y_3391"]
     await hs.go_down()
-    await get(client, proxy, target(ALICE, "access_token=syt_down_query_3391"))
-    await get(client, proxy, target(ALICE), headers=bearer("syt_down_header_3391"))
-    await get(client, proxy, f"/_fake/echo/y?access_token={ALICE_TOKEN}")
+    await get(http, proxy, target(ALICE, "access_token=syt_down_query_3391"))
+    await get(http, proxy, target(ALICE), headers=bearer("syt_down_header_3391"))
+    await get(http, proxy, f"/_fake/echo/y?access_token={ALICE_TOKEN}")
     secrets += ["syt_down_query_3391", "syt_down_header_3391"]
 
     records = caplog.records

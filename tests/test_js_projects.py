@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.prerequisites import JS43_DIR, JS43_NODE_MAJOR, JS_PROJECTS, REPO_ROOT
+from rig import REPO_ROOT
+from rig.programs import JS43_DIR, JS43_NODE_MAJOR, JS_PROJECTS
 
 EXACT = re.compile(r"(npm:[@\w./-]+@)?\d+\.\d+\.\d+")
 

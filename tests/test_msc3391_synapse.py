@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -13,7 +13,8 @@ import pytest
 from proxy.app import CONTEXT
 from proxy.server import ProxyServer
 from proxy.store import DeletionStore
-from tests.matrix_client import (
+from rig.synapse import SynapseServer
+from tests.matrix import (
     MSC3391,
     Device,
     account_data_path,
@@ -21,17 +22,10 @@ from tests.matrix_client import (
     entries_of,
     global_entries,
 )
-from tests.synapse_rig import SynapseServer
 
 pytestmark = pytest.mark.synapse
 
 MakeDevices = Callable[[int], Awaitable[list[Device]]]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

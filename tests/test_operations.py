@@ -8,27 +8,21 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from proxy.server import ProxyServer
+from rig import REPO_ROOT
+from rig.proxy_process import ProxyProcess
 from tests.fake_homeserver import FakeHomeserver
-from tests.synapse_rig import REPO_ROOT, ProxyProcess
 
 ALICE = "@alice:fake.test"
 DELETE_PATH = (
     "/_matrix/client/unstable/org.matrix.msc3391/user/%40alice%3Afake.test/account_data/org.example.t"
 )
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def start_process(

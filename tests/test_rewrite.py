@@ -16,8 +16,8 @@ from proxy.rewrite import (
     strip_legacy_initial_sync,
 )
 from proxy.store import PendingDelete
+from tests.matrix import ROOM
 
-ROOM = "!room:localhost"
 OTHER = "!other:localhost"
 
 

@@ -5,7 +5,7 @@ carries its lists and its account data extension)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -13,20 +13,14 @@ import pytest
 from proxy.app import CONTEXT
 from proxy.server import ProxyServer
 from proxy.store import DeletionStore
-from tests.matrix_client import Device
+from rig.synapse import SynapseServer
+from tests.matrix import Device
 from tests.sliding_client import Connection, empty_entries, entries_of
-from tests.synapse_rig import SynapseServer
 
 pytestmark = pytest.mark.synapse
 
 MakeDevices = Callable[[int], Awaitable[list[Device]]]
 Rows = set[tuple[str | None, str, str]]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        yield session
 
 
 @pytest.fixture

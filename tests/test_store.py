@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.store import SCHEMA_VERSION, PendingDelete, SqlStore, StoreError, sqlite_store
-
-ALICE = "@alice:localhost"
-ROOM = "!room:localhost"
+from tests.matrix import ALICE, ROOM
 
 
 @pytest.fixture

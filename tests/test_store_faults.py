@@ -29,10 +29,9 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -40,19 +39,19 @@ import pytest
 from proxy.app import CONTEXT
 from proxy.server import ProxyServer
 from proxy.store import SCHEMA_VERSION, sqlite_store
+from rig import REPO_ROOT
+from tests import matrix
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver
+from tests.matrix import ALICE, BOB, MSC3391, V3, account_data_path
 from tests.store_check import snapshot, wait_for_store
-from tests.synapse_rig import REPO_ROOT
 
-ALICE, BOB = "@alice:localhost", "@bob:localhost"
 TOKENS = {"ALICE1": "syt_store_alice_1", "ALICE2": "syt_store_alice_2", "BOB1": "syt_store_bob_1"}
 KIND = "org.example.stored"
-MSC3391 = "/_matrix/client/unstable/org.matrix.msc3391"
 
 
-def data_path(user: str, kind: str = KIND, prefix: str = "/_matrix/client/v3") -> str:
-    return f"{prefix}/user/{quote(user, safe='')}/account_data/{quote(kind, safe='')}"
+def data_path(user: str, kind: str = KIND, prefix: str = V3) -> str:
+    return account_data_path(prefix, user, kind)
 
 
 @pytest.fixture
@@ -73,20 +72,10 @@ async def proxy(start_proxy: StartProxy, hs: FakeHomeserver) -> ProxyServer:
     return await start_proxy(hs.url, store={"busy_timeout": 0.2})
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
 async def call(
     http: aiohttp.ClientSession, proxy: ProxyServer, method: str, path: str, device: str, body: Any = None
 ) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {TOKENS[device]}"}
-    data = None if body is None else json.dumps(body).encode()
-    async with http.request(method, proxy.url + path, headers=headers, data=data) as response:
-        raw = await response.read()
-    return response.status, json.loads(raw) if raw else None
+    return await matrix.call(http, method, proxy.url + path, TOKENS[device], body)
 
 
 def unavailable(cause: str) -> dict[str, str]:

@@ -4,7 +4,7 @@
 //
 // "matrix-js-sdk" in scenario.js is aliased to the npm alias of each version
 // (package.json: matrix-js-sdk-37 = matrix-js-sdk@37.5.0, matrix-js-sdk-43 = @43.0.0), so
-// both pages run the same code. Run by tests/test_browser.py before the browser starts.
+// both pages run the same code. Run by tests/test_browser_synapse.py before the browser starts.
 
 import { copyFileSync, mkdirSync, readFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";

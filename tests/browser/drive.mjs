@@ -1,5 +1,5 @@
 // Drives Debian's Chromium (headless, through playwright-core; no browser is downloaded)
-// to the page of tests/test_browser.py and reports what happened there, as one JSON object
+// to the page of tests/test_browser_synapse.py and reports what happened there, as one JSON object
 // on standard output:
 //
 //   MSC3391_BROWSER_JOB=JOB node drive.mjs

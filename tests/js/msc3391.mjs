@@ -7,7 +7,7 @@
 // "devices": [{"accessToken": "...", "deviceId": "..."}, {...}], "type": "org.example.t",
 // "timeoutMs": 30000}. One JSON object with the observations is written to standard
 // output; everything the SDK logs goes to standard error. Run by
-// tests/test_client_libraries.py, which makes the assertions.
+// tests/test_client_libraries_synapse.py, which makes the assertions.
 
 // The SDK logs through `console`; keep standard output for the result alone. The SDK is
 // imported only after this, because its logger binds the console methods when it loads.

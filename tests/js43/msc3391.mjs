@@ -17,7 +17,7 @@
 //
 // One JSON object goes to standard output: {"nodeVersion", "sdkVersion", "steps": [{"name",
 // "ok", "value" | "error", "elapsedMs", "requests"}], "unexpected"?}. Everything the SDK
-// logs goes to standard error. Run by tests/test_client_libraries.py, which asserts.
+// logs goes to standard error. Run by tests/test_client_libraries_synapse.py, which asserts.
 
 import { readFileSync } from "node:fs";
 

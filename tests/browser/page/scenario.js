@@ -1,4 +1,4 @@
-// The browser side of tests/test_browser.py: matrix-js-sdk (37.5.0 or 43.0.0, whichever
+// The browser side of tests/test_browser_synapse.py: matrix-js-sdk (37.5.0 or 43.0.0, whichever
 // build.mjs aliased "matrix-js-sdk" to) sets, reads, deletes and reads again one account
 // data type against a homeserver on another origin, with the SDK's own public calls.
 //

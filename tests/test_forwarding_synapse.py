@@ -15,36 +15,24 @@ import json
 import os
 import re
 import resource
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from yarl import URL
 
-from tests.synapse_rig import (
-    REPO_ROOT,
-    Account,
-    ProxyProcess,
-    SynapseServer,
-    http_json,
-    quote,
-    register,
-)
+from rig.accounts import Account, register
+from rig.processes import http_json
+from rig.proxy_process import ProxyProcess
+from rig.synapse import SynapseServer
+from tests import matrix
+from tests.matrix import quote
 
-MSC3391_MODES = pytest.mark.parametrize("msc3391", [False, True], ids=["msc3391-off", "msc3391-on"])
+pytestmark = pytest.mark.synapse
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        yield session
 
 
 async def call(
@@ -56,10 +44,8 @@ async def call(
     body: Any = None,
 ) -> tuple[int, Any]:
     """One JSON request; `url` is already percent-encoded."""
-    headers = account.headers if account is not None else {}
-    async with http.request(method, URL(url, encoded=True), headers=headers, json=body) as response:
-        raw = await response.read()
-        return response.status, json.loads(raw) if raw else None
+    token = account.access_token if account is not None else None
+    return await matrix.call(http, method, URL(url, encoded=True), token, body)
 
 
 def room_path(room_id: str) -> str:
@@ -69,8 +55,6 @@ def room_path(room_id: str) -> str:
 # --- ordinary client traffic ------------------------------------------------------------
 
 
-@MSC3391_MODES
-@pytest.mark.synapse
 async def test_register_login_create_a_room_and_read_messages_back(
     synapse: SynapseServer,
     start_proxy: Callable[..., Any],
@@ -136,7 +120,6 @@ async def test_register_login_create_a_room_and_read_messages_back(
     assert texts == [(sent[2], "message 2"), (sent[1], "message 1"), (sent[0], "message 0")]
 
 
-@pytest.mark.synapse
 async def test_a_100_mib_upload_and_download_stream_through_unchanged(
     synapse: SynapseServer,
     start_proxy: Callable[..., Any],
@@ -183,8 +166,6 @@ async def test_a_100_mib_upload_and_download_stream_through_unchanged(
     assert peak_after - peak_before < 50 * MiB
 
 
-@MSC3391_MODES
-@pytest.mark.synapse
 async def test_a_long_poll_sync_is_held_and_woken_by_another_clients_event(
     synapse: SynapseServer,
     start_proxy: Callable[..., Any],
@@ -243,8 +224,6 @@ async def test_a_long_poll_sync_is_held_and_woken_by_another_clients_event(
     assert woke_after < 5, f"the long-poll took {woke_after:.1f} s to return after the event"
 
 
-@pytest.mark.parametrize("msc3391", [False, True], ids=["msc3391-off", "msc3391-on"])
-@pytest.mark.synapse
 async def test_a_long_poll_longer_than_the_read_timeout_runs_its_course(
     synapse: SynapseServer,
     start_proxy: Callable[..., Any],
@@ -284,7 +263,6 @@ async def fetch(
         return response.status, raw, kept, response.content_length
 
 
-@pytest.mark.synapse
 async def test_responses_with_msc3391_off_are_synapses_own(
     synapse: SynapseServer,
     start_proxy: Callable[..., Any],
@@ -313,8 +291,6 @@ async def test_responses_with_msc3391_off_are_synapses_own(
         assert proxied == direct, f"{method} {path}"
 
 
-@MSC3391_MODES
-@pytest.mark.synapse
 async def test_authentication_errors_come_back_as_synapse_sent_them(
     synapse: SynapseServer,
     start_proxy: Callable[..., Any],
@@ -344,7 +320,6 @@ async def test_authentication_errors_come_back_as_synapse_sent_them(
                 assert proxied == direct, path
 
 
-@pytest.mark.synapse
 async def test_with_synapse_stopped_every_request_is_a_matrix_502(
     synapse_factory: Callable[..., SynapseServer],
     start_proxy: Callable[..., Any],
@@ -396,7 +371,6 @@ async def test_with_synapse_stopped_every_request_is_a_matrix_502(
 # --- the proxy as a process -----------------------------------------------------------------
 
 
-@pytest.mark.synapse
 def test_the_proxy_process_serves_a_round_trip_and_logs_without_tokens(
     synapse: SynapseServer,
     proxy_process: Callable[..., ProxyProcess],
@@ -425,52 +399,3 @@ def test_the_proxy_process_serves_a_round_trip_and_logs_without_tokens(
     # One access line per request (query redacted or left out), and never the token.
     assert re.search(r"GET /_matrix/client/v3/account/whoami\S* 200 ", log), log
     assert account.access_token not in log
-
-
-@pytest.mark.parametrize(
-    ("config", "names"),
-    [
-        ('[upstream]\nurl = "http://127.0.0.1:8008"\nurll = "x"\n', "upstream.urll"),
-        ('[upstream]\nurl = "http://127.0.0.1:8008"\n[lisen]\nport = 8009\n', "lisen"),
-        ('[upstream]\nurl = "ftp://127.0.0.1:8008"\n', "upstream.url"),
-        ('[upstream]\nurl = "http://127.0.0.1:8008/base"\n', "upstream.url"),
-        ("[listen]\nport = 8009\n", "upstream.url"),
-        ('[listen]\nport = "8009"\n[upstream]\nurl = "http://127.0.0.1:8008"\n', "listen.port"),
-        ('[upstream]\nurl = "http://127.0.0.1:8008"\n[proxy]\nlog_level = "LOUD"\n', "proxy.log_level"),
-        ("[upstream\n", "not valid TOML"),
-        (None, "no such file"),
-    ],
-    ids=[
-        "unknown-key",
-        "unknown-section",
-        "bad-scheme",
-        "url-path",
-        "missing-url",
-        "port-type",
-        "level",
-        "toml",
-        "no-file",
-    ],
-)
-def test_a_config_mistake_exits_2_with_one_line_naming_it(
-    tmp_path: Path, config: str | None, names: str
-) -> None:
-    path = tmp_path / "proxy.toml"
-    if config is not None:
-        path.write_text(config)
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "--config", str(path)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 2
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("msc3391-proxy: config error: ")
-    assert names in lines[0]
-    if config is None:
-        assert str(path) in lines[0]

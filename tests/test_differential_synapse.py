@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pprint
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +34,8 @@ import pytest
 from proxy.app import CONTEXT
 from proxy.server import ProxyServer
 from proxy.store import DeletionStore
-from tests.matrix_client import MSC3391, Device, Reply, account_data_path
-from tests.synapse_rig import SynapseServer
+from rig.synapse import SynapseServer
+from tests.matrix import MSC3391, Device, Reply, account_data_path
 
 pytestmark = pytest.mark.synapse
 
@@ -417,12 +417,6 @@ def assert_equivalent(
 
 
 # --- running a scenario on both setups -----------------------------------------------------
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def make_devices(

@@ -22,10 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,16 +37,12 @@ from nio import AsyncClient, AsyncClientConfig, LoginResponse, MatrixRoom, RoomC
 from nio import SyncResponse as NioSyncResponse
 from nio.events.account_data import UnknownAccountDataEvent
 
-from tests.matrix_client import MSC3391, account_data_path, wait_for_match
-from tests.prerequisites import JS43_DIR, JS_DIR
-from tests.synapse_rig import (
-    Account,
-    ProxyProcess,
-    SynapseServer,
-    http_json,
-    login,
-    register,
-)
+from rig.accounts import Account, login, register
+from rig.processes import http_json
+from rig.programs import JS43_DIR, JS_DIR, run_node_job
+from rig.proxy_process import ProxyProcess
+from rig.synapse import SynapseServer
+from tests.matrix import MSC3391, account_data_path, wait_for_match
 
 pytestmark = pytest.mark.synapse
 
@@ -96,17 +90,7 @@ def test_matrix_js_sdk_deletes_with_the_unstable_endpoint_and_a_second_client_fo
         "type": kind,
         "timeoutMs": 30_000,
     }
-    done = subprocess.run(
-        [node, "msc3391.mjs"],
-        cwd=JS_DIR,
-        # In the environment rather than argv: access tokens do not belong in `ps`.
-        env={**os.environ, "MSC3391_JS_JOB": json.dumps(job)},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
+    done = run_node_job(node, JS_DIR, "msc3391.mjs", "MSC3391_JS_JOB", job, 90)
     lines = done.stdout.strip().splitlines()
     assert lines, f"no result from msc3391.mjs (exit {done.returncode}):\n{done.stderr[-4000:]}"
     result = json.loads(lines[-1])
@@ -179,17 +163,7 @@ def test_matrix_js_sdk_43_on_node_22_deletes_and_every_delete_is_echoed_within_t
         "content": content,
         "stepTimeoutMs": JS43_STEP_TIMEOUT_MS,
     }
-    done = subprocess.run(
-        [node22, "msc3391.mjs"],
-        cwd=JS43_DIR,
-        # In the environment rather than argv: access tokens do not belong in `ps`.
-        env={**os.environ, "MSC3391_JS_JOB": json.dumps(job)},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=JS43_PROCESS_TIMEOUT_S,
-        check=False,
-    )
+    done = run_node_job(node22, JS43_DIR, "msc3391.mjs", "MSC3391_JS_JOB", job, JS43_PROCESS_TIMEOUT_S)
     lines = done.stdout.strip().splitlines()
     assert lines, f"no result from tests/js43/msc3391.mjs (exit {done.returncode}):\n{done.stderr[-4000:]}"
     result = json.loads(lines[-1])
@@ -281,14 +255,8 @@ def test_matrix_js_sdk_43_on_node_22_deletes_and_every_delete_is_echoed_within_t
 # --- mautrix --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def test_mautrix_sets_gets_deletes_and_a_second_device_syncs_the_deletion(
-    proxy: ProxyProcess, session: aiohttp.ClientSession, unique_name: Callable[[str], str]
+    proxy: ProxyProcess, http: aiohttp.ClientSession, unique_name: Callable[[str], str]
 ) -> None:
     first_account, second_account = await asyncio.to_thread(two_devices, proxy, unique_name("mautrix"))
     first, second = (
@@ -297,7 +265,7 @@ async def test_mautrix_sets_gets_deletes_and_a_second_device_syncs_the_deletion(
             device_id=account.device_id,
             base_url=proxy.url,
             token=account.access_token,
-            client_session=session,
+            client_session=http,
         )
         for account in (first_account, second_account)
     )

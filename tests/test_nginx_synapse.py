@@ -9,29 +9,20 @@ in which only the proxy's address in `proxy_pass` is replaced by the test proxy'
 from __future__ import annotations
 
 import asyncio
-import os
-import pwd
 import re
-import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.matrix_client import MSC3391, Device, account_data_path, global_entries, wait_for_match
-from tests.synapse_rig import (
-    REPO_ROOT,
-    ProxyProcess,
-    SynapseServer,
-    _stop_process,
-    _wait_until_answering,
-    free_port,
-    login,
-    quote,
-    register,
-    spawn_child,
-)
+from rig import REPO_ROOT
+from rig.accounts import login, register
+from rig.nginx import Nginx
+from rig.processes import free_port
+from rig.proxy_process import ProxyProcess
+from rig.synapse import SynapseServer
+from tests.matrix import MSC3391, Device, account_data_path, global_entries, quote, wait_for_match
 
 pytestmark = pytest.mark.synapse
 
@@ -50,81 +41,6 @@ def readme_location_block() -> str:
     return found[0]
 
 
-class Nginx:
-    """nginx in the foreground (`daemon off`), its files in `directory`, stopped by its PID."""
-
-    def __init__(self, binary: str, directory: Path, server_body: str) -> None:
-        self.binary = binary
-        self.directory = directory
-        self.port = free_port()
-        self.config_path = directory / "nginx.conf"
-        self.pid_path = directory / "nginx.pid"
-        self.error_log = directory / "error.log"
-        self.access_log = directory / "access.log"
-        self.output_path = directory / "nginx.out"
-        self.process: subprocess.Popen[bytes] | None = None
-        temp = {name: directory / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
-        for path in temp.values():
-            path.mkdir(parents=True, exist_ok=True)
-        # As root, the workers would otherwise run as `nobody`, who cannot write the
-        # temporary directories under tmp_path; as anyone else, nginx keeps the user.
-        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
-        self.config_path.write_text(
-            f"{user}"
-            "daemon off;\n"
-            "worker_processes 1;\n"
-            f"pid {self.pid_path};\n"
-            f"error_log {self.error_log} info;\n"
-            "events { worker_connections 256; }\n"
-            "http {\n"
-            f"    access_log {self.access_log};\n"
-            f"    client_body_temp_path {temp['client_body']};\n"
-            f"    proxy_temp_path {temp['proxy']};\n"
-            f"    fastcgi_temp_path {temp['fastcgi']};\n"
-            f"    uwsgi_temp_path {temp['uwsgi']};\n"
-            f"    scgi_temp_path {temp['scgi']};\n"
-            "    server {\n"
-            f"        listen 127.0.0.1:{self.port};\n"
-            "        server_name localhost;\n"
-            f"{server_body}\n"
-            "    }\n"
-            "}\n"
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with self.output_path.open("wb") as output:
-            self.process = spawn_child(
-                # -e: the error log before the configuration is read (not /var/log/nginx).
-                [
-                    self.binary,
-                    "-p",
-                    str(self.directory),
-                    "-c",
-                    str(self.config_path),
-                    "-e",
-                    str(self.error_log),
-                ],
-                output,
-            )
-        try:
-            _wait_until_answering(
-                f"{self.url}/_matrix/client/versions", self.process, 30.0, "nginx", need_ok=False
-            )
-        except RuntimeError as e:
-            self.stop()
-            raise RuntimeError(f"{e}\n{self.output_path.read_text()}\n{self.error_log.read_text()}") from None
-        # In the foreground, the process we started is nginx's master.
-        assert int(self.pid_path.read_text()) == self.process.pid
-
-    def stop(self) -> None:
-        if self.process is not None:
-            _stop_process(self.process, grace=10.0)
-
-
 @pytest.fixture
 def proxy(synapse: SynapseServer, proxy_process: Callable[..., ProxyProcess]) -> ProxyProcess:
     return proxy_process(synapse.url, msc3391=True)
@@ -140,17 +56,37 @@ def nginx(nginx_binary: str, proxy: ProxyProcess, tmp_path: Path) -> Iterator[Ng
     """nginx with the README's location block, proxying to `proxy`."""
     block = readme_location_block()
     assert block.count(README_PROXY_ADDRESS) == 1, block
+    port = free_port()
+    server_block = (
+        "    server {\n"
+        f"        listen 127.0.0.1:{port};\n"
+        "        server_name localhost;\n"
+        f"{block.replace(README_PROXY_ADDRESS, f'127.0.0.1:{proxy.port}')}\n"
+        "    }"
+    )
+    # As root, the workers would otherwise run as `nobody`, who cannot write the
+    # temporary directories under tmp_path (own_user).
     server = Nginx(
-        nginx_binary, tmp_path / "nginx", block.replace(README_PROXY_ADDRESS, f"127.0.0.1:{proxy.port}")
+        tmp_path / "nginx",
+        server_block,
+        [port],
+        binary=nginx_binary,
+        error_log_level="info",
+        log_access=True,
+        own_user=True,
     )
     server.start()
-    yield server
-    server.stop()
+    try:
+        # In the foreground, the process we started is nginx's master.
+        assert server.process is not None and int(server.pid_path.read_text()) == server.process.pid
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    """Requests from the client's own loopback address (127.0.0.2)."""
+    """Not the shared `http`: requests from the client's own loopback address (127.0.0.2)."""
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(local_addr=(CLIENT_ADDRESS, 0))
     ) as session:

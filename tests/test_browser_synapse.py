@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import os
 import re
 import subprocess
 import threading
@@ -35,9 +34,11 @@ from typing import Any
 
 import pytest
 
-from tests.matrix_client import MSC3391, account_data_path
-from tests.prerequisites import BROWSER_DIR
-from tests.synapse_rig import Account, ProxyProcess, SynapseServer, register
+from rig.accounts import Account, register
+from rig.programs import BROWSER_DIR, run_node_job
+from rig.proxy_process import ProxyProcess
+from rig.synapse import SynapseServer
+from tests.matrix import MSC3391, V3, account_data_path
 
 pytestmark = pytest.mark.synapse
 
@@ -51,8 +52,6 @@ RUN_TIMEOUT_MS = 90_000
 DRIVER_TIMEOUT_S = 180
 # esbuild bundling both SDK versions (about a second).
 BUILD_TIMEOUT_S = 120
-
-V3 = "/_matrix/client/v3"
 
 
 def access_line(method: str, prefix: str, status: int) -> re.Pattern[str]:
@@ -150,17 +149,7 @@ class Browser:
             "stepTimeoutMs": STEP_TIMEOUT_MS,
             "runTimeoutMs": RUN_TIMEOUT_MS,
         }
-        done = subprocess.run(
-            [self.node, "drive.mjs"],
-            cwd=BROWSER_DIR,
-            # In the environment rather than argv: access tokens do not belong in `ps`.
-            env={**os.environ, "MSC3391_BROWSER_JOB": json.dumps(job)},
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=DRIVER_TIMEOUT_S,
-            check=False,
-        )
+        done = run_node_job(self.node, BROWSER_DIR, "drive.mjs", "MSC3391_BROWSER_JOB", job, DRIVER_TIMEOUT_S)
         lines = done.stdout.strip().splitlines()
         assert lines, f"no output from drive.mjs (exit {done.returncode}):\n{done.stderr[-4000:]}"
         return BrowserRun(done.returncode, json.loads(lines[-1]), done.stderr)
