@@ -29,7 +29,7 @@ from .records import PendingDelete
 from .rewrite import may_hold_deletions
 from .sliding_rewrite import Scope, SlidingRewrite, rewrite_sliding_sync
 from .sync_bodies import dumps, gc_paused, off_loop, parse
-from .sync_state import acknowledge, has_pending, pending_for, record, sweep_vanished_devices
+from .sync_state import acknowledge, must_read, pending_for, record, sweep_vanished_devices
 from .timeouts import ReadTimeout, read_timeout
 
 
@@ -65,7 +65,7 @@ async def sliding_sync(ctx: Context, request: web.Request, params: dict[str, str
     # at the homeserver, and then the answer is rewritten after all.
     raw = await read_body(ctx, request)
     await sweep_vanished_devices(ctx, request, requester)
-    inspect = pos is None or has_pending(ctx, requester)
+    inspect = pos is None or must_read(ctx, requester)
     if pos is not None and inspect:
         # Asking for what follows `pos` proves the answer that returned it arrived.
         await acknowledge(ctx, requester, delivery_token(_Request.of(raw).conn_id, pos), "sliding_sync")
@@ -75,7 +75,7 @@ async def sliding_sync(ctx: Context, request: web.Request, params: dict[str, str
         if upstream.status != 200:
             return await ctx.upstream.relay(request, upstream)  # M_UNKNOWN_POS included
         # Decided now, from the in-memory index: the delete may be what woke a long-poll.
-        pending_now = has_pending(ctx, requester)
+        pending_now = must_read(ctx, requester)
         if pos is not None and not (pending_now and can_decode(upstream.headers.get("Content-Encoding"))):
             # The fast path: streamed back unparsed, with no database query.
             return await ctx.upstream.relay(request, upstream)

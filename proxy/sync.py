@@ -32,7 +32,7 @@ from .rewrite import (
     strip_legacy_initial_sync,
 )
 from .sync_bodies import dumps, gc_paused, off_loop, parse
-from .sync_state import acknowledge, best_effort, has_pending, pending_for, record, sweep_vanished_devices
+from .sync_state import acknowledge, best_effort, must_read, pending_for, record, sweep_vanished_devices
 from .timeouts import ReadTimeout, read_timeout
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
     if since:
         # Asking for what follows `since` proves the response that returned it arrived.
         await acknowledge(ctx, requester, since, "sync")
-    pending_now = has_pending(ctx, requester)
+    pending_now = must_read(ctx, requester)
     incremental = bool(since)
 
     always_inspect = not incremental or full_state
@@ -63,7 +63,7 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
             return await ctx.upstream.relay(request, upstream)
         # A delete may have begun while this long-poll waited, and its `{}` may be what
         # woke it: decide on the fast path now, from the in-memory index.
-        pending_now = has_pending(ctx, requester)
+        pending_now = must_read(ctx, requester)
         if not always_inspect and not (pending_now and can_decode(upstream.headers.get("Content-Encoding"))):
             # The fast path: streamed through, unparsed, no database query.
             return await ctx.upstream.relay(request, upstream)

@@ -48,15 +48,23 @@ async def record(ctx: Context, requester: Requester, token: str, delivered: froz
         await best_effort(recording, None)
 
 
-def has_pending(ctx: Context, requester: Requester) -> bool:
-    """Answered from memory: whether this device has anything to learn."""
-    return requester.device_id is not None and ctx.store.has_pending(requester.user_id, requester.device_id)
+def must_read(ctx: Context, requester: Requester) -> bool:
+    """Answered from memory: whether this device has anything to learn, or may be handed
+    a nudge of the proxy's own (which must be stripped): either way its sync answers are
+    read rather than streamed."""
+    device_id = requester.device_id
+    if device_id is None:
+        return False
+    if ctx.store.has_pending(requester.user_id, device_id):
+        return True
+    until = ctx.nudged.get((requester.user_id, device_id))
+    return until is not None and until > time.monotonic()
 
 
 async def pending_for(ctx: Context, requester: Requester) -> list[PendingDelete]:
     """What this device has to learn, but a type whose revive waits for the store: that
     one is live on the homeserver, and must never be told deleted."""
-    if requester.device_id is None or not has_pending(ctx, requester):
+    if requester.device_id is None or not ctx.store.has_pending(requester.user_id, requester.device_id):
         return []
     pending = await best_effort(ctx.store.pending_for_device(requester.user_id, requester.device_id), [])
     return [p for p in pending if not ctx.repairs.reviving(requester.user_id, p.room_id, p.account_data_type)]

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from proxy.app import CONTEXT
+from proxy.rewrite import NUDGE_TYPE
 from proxy.server import ProxyServer
 from proxy.store import DeletionStore
 from rig.synapse import SynapseServer
@@ -295,3 +296,27 @@ async def test_a_delete_that_changes_nothing_comes_back_on_the_deleting_devices_
     assert echoed["pos"] != before  # the nudge moved it: the answer can be proved received
     assert entries_of(await connection.sync(), kind) == []
     assert await rows(store, a.user_id) == set()
+
+
+async def test_the_proxys_nudge_never_reaches_a_connection_that_carries_to_device_messages(
+    devices: MakeDevices, store: DeletionStore
+) -> None:
+    """Element X runs a second connection for encryption: to-device messages only, no
+    account data, nothing for the proxy to rewrite. The nudge the proxy sends the device
+    (after a delete that changes nothing) travels there too, and is stripped there."""
+    (a,) = await devices(1)
+    room_list = Connection(a, conn_id="room-list")
+    encryption = Connection(a, conn_id="encryption", account_data=None, lists=None, to_device=True)
+    await room_list.sync(first=True)
+    await encryption.sync(first=True)
+
+    assert (await a.delete("org.example.never-set")).status == 200
+    echoed = await room_list.sync()
+    assert entries_of(echoed, "org.example.never-set") == [{"type": "org.example.never-set", "content": {}}]
+    await room_list.sync()  # proves it: the device has nothing left to learn
+    assert await rows(store, a.user_id) == set()
+
+    body = await encryption.sync()
+
+    events = body["extensions"].get("to_device", {}).get("events", [])
+    assert [e for e in events if e["type"] == NUDGE_TYPE] == []
