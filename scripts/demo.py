@@ -3,10 +3,12 @@
 Starts a real Synapse (its own MSC3391 flag off) on 127.0.0.1:8008 and the proxy
 with `msc3391_enabled = true` on 127.0.0.1:8009 in front of it (other free ports if
 those are taken), metrics on 127.0.0.1:9109, all files in `.demo/` (wiped at each
-start). Registers `alice` with three devices and prints, in order, ready-to-paste
+start). Registers `alice` with four devices and prints, in order, ready-to-paste
 commands: device A sets, reads and deletes a type; device B's sync sees the deletion;
 device C, offline meanwhile, sees it when it syncs from its old token, and only then
-leaves `account_data_unsynced_deletes`. Runs until Ctrl-C.
+leaves `account_data_unsynced_deletes`; device D sees it over sliding sync (Element X's
+sync), once; and the current matrix-js-sdk deletes a live, a never-set and an
+already-deleted type, each call returning. Runs until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -28,6 +30,19 @@ _ACCOUNT_DATA_OF_TYPE = (
     "import json,sys; b=json.load(sys.stdin); "
     f'print([e for e in b.get("account_data",{{}}).get("events",[]) if e["type"]=="{TYPE}"])'
 )
+# The same for a sliding sync answer (its account data extension), with its `pos`.
+_SLIDING_ACCOUNT_DATA_OF_TYPE = (
+    "import json,sys; b=json.load(sys.stdin); "
+    f'print([e for e in b["extensions"].get("account_data",{{}}).get("global",[]) if e["type"]=="{TYPE}"],'
+    ' "pos:", b["pos"])'
+)
+SLIDING_SYNC = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
+# Element X's room list connection: its lists, and the account data extension on.
+SLIDING_BODY = {
+    "conn_id": "room-list",
+    "lists": {"all": {"ranges": [[0, 20]], "required_state": [], "timeline_limit": 0}},
+    "extensions": {"account_data": {"enabled": True}},
+}
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -42,6 +57,30 @@ def curl(method: str, url: str, token: str, body: Any = None) -> str:
     if body is not None:
         parts += ["-H", "Content-Type: application/json", "-d", json.dumps(body, separators=(",", ":"))]
     return shlex.join(parts)
+
+
+def sliding_curl(url: str, token: str, pos: str) -> str:
+    return shlex.join(
+        [
+            "curl", "-sS", "-X", "POST", f"{url}{SLIDING_SYNC}?timeout=0&pos={pos}",
+            "-H", f"Authorization: Bearer {token}", "-H", "Content-Type: application/json",
+            "-d", json.dumps(SLIDING_BODY, separators=(",", ":")),
+        ]
+    )  # fmt: skip
+
+
+def js_sdk_step(proxy_url: str) -> str:
+    """The command of the demo's last step, if matrix-js-sdk 43 and Node.js 22 can be had
+    (`npm ci` in tests/js43, which the test suite uses too), else why not."""
+    from rig.programs import JS43_DIR, JS43_NODE, ensure_js_packages
+
+    try:
+        ensure_js_packages(JS43_DIR, say=say)
+    except RuntimeError as e:
+        return f"#    (not available here: {str(e).splitlines()[0]})"
+    job = json.dumps({"baseUrl": proxy_url, "user": "alice", "password": "password"})
+    command = shlex.join([str(JS43_NODE), str(ROOT / "scripts/js_sdk_demo.mjs"), str(JS43_DIR)])
+    return f"MSC3391_DEMO={shlex.quote(job)} {command}"
 
 
 def main() -> int:
@@ -83,6 +122,11 @@ def main() -> int:
         device_a = register(proxy.url, "alice", "password")
         device_b = login(proxy.url, "alice", "password")
         device_c = login(proxy.url, "alice", "password")
+        device_d = login(proxy.url, "alice", "password")
+        status, first = http_json("POST", proxy.url + SLIDING_SYNC, SLIDING_BODY, token=device_d.access_token)
+        if status != 200:
+            raise RuntimeError(f"device D's first sliding sync failed: {status} {first}")
+        d_pos = first["pos"]
         tokens = {}
         for name, device in (("B", device_b), ("C", device_c)):
             status, synced = http_json(
@@ -96,6 +140,7 @@ def main() -> int:
         data_url = f"{p}/_matrix/client/v3/user/{user}/account_data/{TYPE}"
         delete_url = f"{p}/_matrix/client/unstable/org.matrix.msc3391/user/{user}/account_data/{TYPE}"
         a, b, c = device_a.access_token, device_b.access_token, device_c.access_token
+        d = device_d.access_token
         rel = DEMO_DIR.relative_to(ROOT)
         sync_url = f"{p}/_matrix/client/v3/sync?timeout=0&since="
         inspect = shlex.join(
@@ -103,6 +148,11 @@ def main() -> int:
         )
         only_demo = f"python3 -c {shlex.quote(_ACCOUNT_DATA_OF_TYPE)}"
         next_batch = "python3 -c " + shlex.quote('import json,sys; print(json.load(sys.stdin)["next_batch"])')
+        pos_of = "python3 -c " + shlex.quote('import json,sys; print(json.load(sys.stdin)["pos"])')
+        only_demo_sliding = f"python3 -c {shlex.quote(_SLIDING_ACCOUNT_DATA_OF_TYPE)}"
+        js_sdk = js_sdk_step(p)
+        # The pos comes from the shell variable: close the quoted URL around it.
+        d_next = sliding_curl(p, d, "POS").replace("pos=POS'", "pos='\"$POS\"")
         print(
             f"""
 Synapse {SYNAPSE_VERSION} (its own MSC3391 flag off): {synapse.url}   log: {rel}/synapse/homeserver.log
@@ -113,6 +163,7 @@ Proxy URL: {p}
   device A {device_a.device_id}  access token {a}
   device B {device_b.device_id}  access token {b}
   device C {device_c.device_id}  access token {c}   (offline until step 7)
+  device D {device_d.device_id}  access token {d}   (sliding sync; its first pos {d_pos})
 
 Paste into another terminal, in order:
 
@@ -124,7 +175,7 @@ Paste into another terminal, in order:
 {curl("DELETE", delete_url, a)}
 # 4. Reading it now gives 404 M_NOT_FOUND:
 {curl("GET", data_url, a)}
-# 5. The proxy knows who has not seen the deletion yet: devices B and C.
+# 5. The proxy knows who has not seen the deletion yet: devices B, C and D.
 {inspect}
 # 6. Device B's incremental sync (from its token before step 1) carries the deletion:
 #    [{{"type":"{TYPE}","content":{{}}}}]
@@ -138,7 +189,20 @@ NB=$({curl("GET", sync_url + tokens["C"], c)} | {next_batch})
 curl -sS "{sync_url}$NB" -H "Authorization: Bearer {c}" > /dev/null; {inspect}
 # 8. A fresh initial sync never carries {{}} entries: [] here
 {curl("GET", f"{p}/_matrix/client/v3/sync?timeout=0", b)} | {only_demo}
-# 9. The proxy's metrics (deletes, acknowledgements, requests by route):
+# 9. Device D syncs over sliding sync, as Element X does, from its position before
+#    step 1: the deletion, in the account data extension.
+{sliding_curl(p, d, d_pos)} | {only_demo_sliding}
+#    Its next request, with the pos of that answer, proves it arrived (here the answer is
+#    asked for once more, a retry, to keep its pos): D leaves step 5's list, told nothing.
+POS=$({sliding_curl(p, d, d_pos)} | {pos_of})
+{d_next} | {only_demo_sliding}; {inspect}
+#    A new sliding sync connection's first response (no pos) never carries {{}}: []
+{sliding_curl(p, d, "").replace("&pos=", "")} | {only_demo_sliding}
+# 10. The current matrix-js-sdk (43, Node.js 22) deletes a live type, a type never set,
+#     and (from a device that logged in afterwards) a type deleted already; each call
+#     returns (it waits for the deletion to come back over its sync, which the proxy sends):
+{js_sdk}
+# 11. The proxy's metrics (deletes, acknowledgements, requests by route):
 curl -sS http://127.0.0.1:{metrics_port}/metrics | grep '^msc3391_proxy_[a-z_]*_total'
 
 Running; Ctrl-C stops both.
