@@ -140,6 +140,18 @@ def _new_joined_room() -> dict[str, Any]:
     }
 
 
+def to_inject(
+    pending: Sequence[PendingDelete], present: Container[Key]
+) -> Iterator[tuple[PendingDelete, Key, dict[str, Any]]]:
+    """Each settled pending delete a body does not carry yet (`present` is read as the
+    caller places entries), with its key and the entry that tells it. An intent still
+    under way is never injected."""
+    for delete in pending:
+        key = (delete.room_id, delete.account_data_type)
+        if key not in present and delete.settled:
+            yield delete, key, {"type": delete.account_data_type, "content": {}}
+
+
 def inject(
     body: dict[str, Any],
     pending: Sequence[PendingDelete],
@@ -154,11 +166,7 @@ def inject(
     """
     present = deletions_in(body) | live_in(body)
     out = body
-    for delete in pending:
-        key = (delete.room_id, delete.account_data_type)
-        if key in present or not delete.settled:
-            continue
-        entry = {"type": delete.account_data_type, "content": {}}
+    for delete, key, entry in to_inject(pending, present):
         if delete.room_id is None:
             events = _events(out) or []
             if sync_filter.allows_global(delete.account_data_type) and (
@@ -187,6 +195,8 @@ def inject(
 
 @dataclass(frozen=True)
 class SyncRewrite:
+    """A rewritten sync body (`/sync` or sliding sync) and what it delivers."""
+
     body: dict[str, Any]
     # stream_ids of this device's pending deletes that the final body carries.
     delivered: frozenset[int]
@@ -230,14 +240,30 @@ def rewrite_sync(
 
 def strip_nudges(body: dict[str, Any]) -> dict[str, Any]:
     """Remove the proxy's own to-device nudges from `to_device.events`."""
-    to_device = body.get("to_device")
+    return _strip_nudges_in(body, "to_device")
+
+
+def _strip_nudges_in(container: dict[str, Any], key: str) -> dict[str, Any]:
+    """`container` without nudges in `container[key]["events"]` (the same object if none)."""
+    to_device = container.get(key)
     events = to_device.get("events") if isinstance(to_device, dict) else None
     if not isinstance(events, list):
-        return body
+        return container
     kept = [e for e in events if not (isinstance(e, dict) and e.get("type") == NUDGE_TYPE)]
     if len(kept) == len(events):
+        return container
+    assert isinstance(to_device, dict)
+    return {**container, key: {**to_device, "events": kept}}
+
+
+def strip_sliding_nudges(body: dict[str, Any]) -> dict[str, Any]:
+    """Remove the proxy's own to-device nudges from a sliding sync body's
+    `extensions.to_device.events`."""
+    extensions = body.get("extensions")
+    if not isinstance(extensions, dict):
         return body
-    return {**body, "to_device": {**to_device, "events": kept}}
+    stripped = _strip_nudges_in(extensions, "to_device")
+    return body if stripped is extensions else {**body, "extensions": stripped}
 
 
 def strip_legacy_initial_sync(body: dict[str, Any]) -> dict[str, Any]:
@@ -275,4 +301,6 @@ __all__ = [
     "strip_deletions",
     "strip_legacy_initial_sync",
     "strip_nudges",
+    "strip_sliding_nudges",
+    "to_inject",
 ]

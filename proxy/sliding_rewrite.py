@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .records import PendingDelete
-from .rewrite import NUDGE_TYPE, is_deletion
+from .rewrite import SyncRewrite, is_deletion, strip_sliding_nudges, to_inject
 
 Key = tuple[str | None, str]  # (room_id or None for global, type)
 
@@ -144,31 +144,6 @@ def _with_account_data(
     return {**body, "extensions": {**base, "account_data": account_data}}
 
 
-def strip_nudges(body: dict[str, Any]) -> dict[str, Any]:
-    """Remove the proxy's own to-device nudges from `extensions.to_device.events`."""
-    extensions = body.get("extensions")
-    to_device = extensions.get("to_device") if isinstance(extensions, dict) else None
-    events = to_device.get("events") if isinstance(to_device, dict) else None
-    if not isinstance(events, list):
-        return body
-    kept = [e for e in events if not (isinstance(e, dict) and e.get("type") == NUDGE_TYPE)]
-    if len(kept) == len(events):
-        return body
-    assert isinstance(extensions, dict) and isinstance(to_device, dict)
-    return {**body, "extensions": {**extensions, "to_device": {**to_device, "events": kept}}}
-
-
-@dataclass(frozen=True)
-class SlidingRewrite:
-    body: dict[str, Any]
-    # stream_ids of this device's pending deletes that the final body delivers.
-    delivered: frozenset[int]
-    injected: int = 0
-
-    def changed(self, original: dict[str, Any]) -> bool:
-        return self.body is not original
-
-
 def _kept(events: list[Any], room_id: str | None, keep: Container[Key]) -> list[Any]:
     return [e for e in events if not is_deletion(e) or (room_id, _type_of(e)) in keep]
 
@@ -180,7 +155,7 @@ def rewrite_sliding_sync(
     scope: Scope,
     pending: Sequence[PendingDelete],
     subscribed: Container[str] = (),
-) -> SlidingRewrite:
+) -> SyncRewrite:
     """The MSC3391 rules for one response to one device (see the contract, "Sliding sync").
 
     - `first` (a request without `pos`): no `{}` entry survives, global or room; every
@@ -190,9 +165,9 @@ def rewrite_sliding_sync(
       first time (`initial: true`), where only this device's pending ones stay; each
       pending delete the body does not carry is injected where the scope covers it.
     """
-    body = strip_nudges(body)
+    body = strip_sliding_nudges(body)
     if not scope.enabled:
-        return SlidingRewrite(body, frozenset())
+        return SyncRewrite(body, frozenset())
     covered = covered_rooms(scope, body, subscribed)
     global_events, rooms = _account_data(body)
     pending_keys = {(p.room_id, p.account_data_type) for p in pending}
@@ -215,11 +190,7 @@ def rewrite_sliding_sync(
     }
     present = carried_or_live(new_global, new_rooms)
     injected = 0
-    for delete in pending:
-        key = (delete.room_id, delete.account_data_type)
-        if key in present or not delete.settled:
-            continue
-        entry = {"type": delete.account_data_type, "content": {}}
+    for delete, key, entry in to_inject(pending, present):
         if delete.room_id is None:
             new_global.append(entry)
         elif delete.room_id in covered:
@@ -252,7 +223,7 @@ def _finish(
     new_rooms: dict[str, list[Any]],
     delivered: frozenset[int],
     injected: int,
-) -> SlidingRewrite:
+) -> SyncRewrite:
     if new_global == old_global and new_rooms == old_rooms:
-        return SlidingRewrite(body, delivered, injected)
-    return SlidingRewrite(_with_account_data(body, new_global, new_rooms), delivered, injected)
+        return SyncRewrite(body, delivered, injected)
+    return SyncRewrite(_with_account_data(body, new_global, new_rooms), delivered, injected)

@@ -26,8 +26,8 @@ from .handling import caller, read_body
 from .homeserver_calls import again_after_a_nudge, joined_rooms
 from .identity import Requester
 from .records import PendingDelete
-from .rewrite import may_hold_deletions
-from .sliding_rewrite import Scope, SlidingRewrite, rewrite_sliding_sync
+from .rewrite import SyncRewrite, may_hold_deletions
+from .sliding_rewrite import Scope, rewrite_sliding_sync
 from .sync_bodies import dumps, gc_paused, off_loop, parse
 from .sync_state import acknowledge, must_read, pending_for, record, sweep_vanished_devices
 from .timeouts import ReadTimeout, read_timeout
@@ -137,7 +137,7 @@ async def _rewritten(job: _Rewrite, plain: bytes) -> tuple[bytes | None, frozens
     return out, result.delivered, body.get("pos")
 
 
-def _rewrite_and_dump(body: dict[str, Any], **rules: Any) -> tuple[bytes | None, SlidingRewrite]:
+def _rewrite_and_dump(body: dict[str, Any], **rules: Any) -> tuple[bytes | None, SyncRewrite]:
     result = rewrite_sliding_sync(body, **rules)
     return (dumps(result.body) if result.changed(body) else None), result
 
