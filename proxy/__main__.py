@@ -7,12 +7,14 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, PostgresURL, load_config, postgres_url
 from .inspection import pending_report, render_json, render_text
 from .logs import reopen, setup_logging
 from .server import ProxyServer
-from .store import StoreError, open_store
+from .store import StoreConfigError, StoreError, open_store
+from .store.migration import copy_to_postgres
 
 log = logging.getLogger("proxy")
 
@@ -25,6 +27,25 @@ async def inspect(config: Config, as_json: bool) -> str:
     finally:
         await store.close()
     return render_json(report) if as_json else render_text(report)
+
+
+def migrate_store(config: Config, target: PostgresURL | None) -> int:
+    if target is None:
+        print("msc3391-proxy: config error: --to: migrate-store needs postgresql://...", file=sys.stderr)
+        return 2
+    try:
+        copied = asyncio.run(copy_to_postgres(config.store.path, target))
+    except StoreConfigError as e:
+        print(f"msc3391-proxy: config error: {e}", file=sys.stderr)
+        return 2
+    except StoreError as e:
+        print(f"msc3391-proxy: store error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"copied {copied.tombstones} tombstone(s), {copied.rows} row(s) and {copied.deliveries} delivery"
+        f" record(s) from {config.store.path} to {target}"
+    )
+    return 0
 
 
 async def serve(config: Config, log_handler: logging.Handler) -> None:
@@ -49,21 +70,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=("serve", "inspect"),
+        choices=("serve", "inspect", "migrate-store"),
         default="serve",
-        help="serve (the default) runs the proxy; inspect prints the pending deletions in the store",
+        help="serve (the default) runs the proxy; inspect prints the pending deletions in the store;"
+        " migrate-store copies the SQLite store into PostgreSQL (--to)",
     )
     parser.add_argument("--config", required=True, metavar="PATH", help="the TOML configuration file")
     parser.add_argument("--json", action="store_true", help="inspect: print JSON for scripts")
+    parser.add_argument("--to", metavar="URL", help="migrate-store: postgresql://USER@HOST:PORT/DBNAME")
+    parser.add_argument("--password-file", default="", metavar="PATH", help="migrate-store: the password")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        target = None
+        if args.command == "migrate-store":
+            target = postgres_url(args.to or "", args.password_file, Path.cwd(), key="--to")
     except ConfigError as e:
         print(f"msc3391-proxy: config error: {e}", file=sys.stderr)
         return 2
+    if args.command == "migrate-store":
+        return migrate_store(config, target)
     if args.command == "inspect":
         try:
             print(asyncio.run(inspect(config, args.json)))
+        except StoreConfigError as e:
+            print(f"msc3391-proxy: config error: {e}", file=sys.stderr)
+            return 2
         except StoreError as e:
             print(f"msc3391-proxy: store error: {e}", file=sys.stderr)
             return 1
@@ -79,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         asyncio.run(serve(config, handler))
+    except StoreConfigError as e:
+        print(f"msc3391-proxy: config error: {e}", file=sys.stderr)
+        return 2
     except StoreError as e:
         print(f"msc3391-proxy: store error: {e}", file=sys.stderr)
         return 1

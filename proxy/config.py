@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,28 @@ class UpstreamConfig:
 class StoreConfig:
     path: Path
     busy_timeout: float
+    # PostgreSQL (several instances share one store): a libpq URL, or None for SQLite.
+    url: PostgresURL | None = None
+    pool_size: int = 10
+    connect_timeout: float = 10.0
+    command_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class PostgresURL:
+    """A libpq URL with its password (from the URL or `store.password_file`) kept apart:
+    `str()` and `repr()` never show it, so neither can a log line or a traceback."""
+
+    url: URL  # without the password
+    password: str | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        return str(self.url)
+
+    @property
+    def dsn(self) -> str:
+        """For the driver only: the URL with its password."""
+        return str(self.url.with_password(self.password)) if self.password else str(self.url)
 
 
 @dataclass(frozen=True)
@@ -200,6 +222,15 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any]]] = {
         "path": (_string, "msc3391-proxy.sqlite3"),
         # How long an operation waits for a lock held by another process before failing.
         "busy_timeout": (_seconds, 5.0),
+        # A PostgreSQL libpq URL selects PostgreSQL (several instances share it); empty: SQLite.
+        "url": (_optional_string, ""),
+        # The PostgreSQL password, read from this file at start-up (not in the URL).
+        "password_file": (_optional_string, ""),
+        # Connections each instance keeps to PostgreSQL.
+        "pool_size": (_integer(1, 1000), 10),
+        "connect_timeout": (_seconds, 10.0),
+        # Longest a single PostgreSQL statement may take before the operation fails.
+        "command_timeout": (_seconds, 30.0),
     },
     "proxy": {
         "trusted_forwarders": (_networks, ["127.0.0.0/8", "::1/128"]),
@@ -250,6 +281,36 @@ def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
     return values
 
 
+def postgres_url(
+    text: str, password_file: str, base_dir: Path, *, key: str = "store.url"
+) -> PostgresURL | None:
+    """`store.url` (with `store.password_file`) checked; None if empty. `key`: what the
+    operator wrote it as, for the error."""
+    file_key = "store.password_file" if key == "store.url" else "--password-file"
+    if not text:
+        if password_file:
+            raise _fail(file_key, f"only means something with {key}")
+        return None
+    try:
+        url = URL(text)
+    except ValueError as e:
+        raise _fail(key, f"not a valid URL ({e})") from None
+    if url.scheme not in ("postgresql", "postgres") or not url.host:
+        raise _fail(key, "expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME")
+    if url.path in ("", "/"):
+        raise _fail(key, "names no database (postgresql://USER@HOST:PORT/DBNAME)")
+    password = url.password
+    if password_file:
+        if password is not None:
+            raise _fail(file_key, f"{key} has a password already")
+        path = _relative_to(base_dir, password_file)
+        try:
+            password = path.read_text().strip("\n")
+        except OSError as e:
+            raise _fail(file_key, f"cannot read {path} ({e.strerror})") from None
+    return PostgresURL(url.with_password(None), password)
+
+
 def _relative_to(base_dir: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else base_dir / path
@@ -267,7 +328,14 @@ def parse_config(raw: Mapping[str, Any], base_dir: Path) -> Config:
     return Config(
         listen=ListenConfig(**_section(raw, "listen")),
         upstream=UpstreamConfig(**_section(raw, "upstream")),
-        store=StoreConfig(path=_relative_to(base_dir, store["path"]), busy_timeout=store["busy_timeout"]),
+        store=StoreConfig(
+            path=_relative_to(base_dir, store["path"]),
+            busy_timeout=store["busy_timeout"],
+            url=postgres_url(store["url"], store["password_file"], base_dir),
+            pool_size=store["pool_size"],
+            connect_timeout=store["connect_timeout"],
+            command_timeout=store["command_timeout"],
+        ),
         proxy=ProxyConfig(**proxy),
         metrics=MetricsConfig(**_section(raw, "metrics")),
         experimental_features=ExperimentalConfig(**_section(raw, "experimental_features")),

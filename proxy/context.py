@@ -8,10 +8,10 @@ from .config import Config
 from .filter_cache import FilterCache
 from .forward import Upstream
 from .identity import Identity
-from .locks import KeyedLocks
 from .metrics import Metrics
 from .repairs import Repairs
 from .store import DeletionStore
+from .store.operations import TypeLocks
 
 
 @dataclass
@@ -22,9 +22,10 @@ class Context:
     store: DeletionStore
     metrics: Metrics
     filters: FilterCache = field(default_factory=FilterCache)
-    # Serialises writes of one (user, room, type): the store's order of events is then
-    # the homeserver's order of accepted writes.
-    type_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # Serialises writes of one (user, room, type), in this process or (a shared store)
+    # across instances: the store's order of events is then the homeserver's order of
+    # accepted writes.
+    type_locks: TypeLocks = field(init=False)
     # Store writes the homeserver already made true, retried until the store takes them.
     repairs: Repairs = field(init=False)
     # user_id -> when its device list was last compared with its rows (monotonic).
@@ -33,4 +34,5 @@ class Context:
     nudged: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.type_locks = self.store.type_locks
         self.repairs = Repairs(self.type_locks)

@@ -72,7 +72,9 @@ async def _write_content(
     and no device needs to hear of an old delete of it. A store that fails after the
     homeserver accepted does not turn the accepted write into an error: the revive is
     queued and retried (`repairs.py`)."""
-    async with ctx.type_locks.hold(key):
+    # Not required: a write of content does not depend on the store. If it is down, no
+    # instance can begin a delete of the type either.
+    async with ctx.type_locks.hold(key, required=False):
         reply = await ctx.upstream.exchange(request, body=raw)
         # A settled tombstone always has rows: a user without any has none to drop, and
         # the write does not depend on the store at all.

@@ -14,7 +14,9 @@ class KeyedLocks:
         self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
 
     @asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+    async def hold(self, key: Hashable, *, required: bool = True) -> AsyncIterator[None]:
+        """`required`: whether a lock shared with other processes must be had (see the
+        PostgreSQL store's); in one process it always is."""
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:

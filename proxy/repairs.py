@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable, Hashable
 
 from .errors import StoreUnavailable
-from .locks import KeyedLocks
+from .store.operations import TypeLocks
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ LONGEST_PAUSE = 30.0
 
 
 class Repairs:
-    def __init__(self, type_locks: KeyedLocks) -> None:
+    def __init__(self, type_locks: TypeLocks) -> None:
         self._type_locks = type_locks
         # key -> operation; a key is a TypeKey for type writes, anything hashable otherwise.
         self._queued: dict[Hashable, Operation] = {}

@@ -1,30 +1,48 @@
-"""The SQLite store: tombstones, per-device rows, deliveries, migrations."""
+"""The store: tombstones, per-device rows, deliveries, migrations. One suite for both
+backends: each test that takes `make_store` or `store` runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from proxy.store import SCHEMA_VERSION, PendingDelete, SqlStore, StoreError, sqlite_store
+from proxy.config import parse_config
+from proxy.store import SCHEMA_VERSION, DeletionStore, PendingDelete, StoreError, open_store, sqlite_store
 from tests.matrix import ALICE, ROOM
+
+MakeStore = Callable[[], DeletionStore]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
+    """`make_store()`: a new, unopened store on this test's database (the same one each
+    time: a second store is the same database opened again)."""
+    if request.param == "sqlite":
+        return lambda: sqlite_store(tmp_path / "store.sqlite3")
+    url = request.getfixturevalue("postgres_url")
+    config = parse_config({"upstream": {"url": "http://hs"}, "store": {"url": url}}, tmp_path).store
+    return lambda: open_store(config)
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
-    s = sqlite_store(tmp_path / "store.sqlite3")
+async def store(make_store: MakeStore) -> AsyncIterator[DeletionStore]:
+    s = make_store()
     await s.open()
     yield s
     await s.close()
 
 
-async def rows(store: SqlStore) -> set[tuple[int, str, str | None, str]]:
+async def rows(store: DeletionStore) -> set[tuple[int, str, str | None, str]]:
     return {(r.stream_id, r.account_data_type, r.room_id, r.device_id) for r in await store.unsynced_rows()}
 
 
-async def test_schema_has_the_briefs_table_and_indexes(store: SqlStore) -> None:
+async def test_schema_has_the_briefs_table_and_indexes(tmp_path: Path) -> None:
+    store = sqlite_store(tmp_path / "store.sqlite3")
+    await store.open()
+    await store.close()
     db = sqlite3.connect(store.db.path)
     columns = [r[1] for r in db.execute("PRAGMA table_info(account_data_unsynced_deletes)")]
     assert columns == ["stream_id", "user_id", "account_data_type", "room_id", "device_id"]
@@ -35,7 +53,9 @@ async def test_schema_has_the_briefs_table_and_indexes(store: SqlStore) -> None:
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
-async def test_a_delete_rows_every_other_device_and_is_unsettled_until_committed(store: SqlStore) -> None:
+async def test_a_delete_rows_every_other_device_and_is_unsettled_until_committed(
+    store: DeletionStore,
+) -> None:
     sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "D3"])
     assert await rows(store) == {(sid, "a", None, "D2"), (sid, "a", None, "D3")}
     assert store.has_pending(ALICE, "D2") and not store.has_pending(ALICE, "D1")
@@ -46,7 +66,7 @@ async def test_a_delete_rows_every_other_device_and_is_unsettled_until_committed
     assert [t.state for t in await store.tombstones()] == ["done"]
 
 
-async def test_stream_ids_are_unique_across_global_and_room_deletes(store: SqlStore) -> None:
+async def test_stream_ids_are_unique_across_global_and_room_deletes(store: DeletionStore) -> None:
     a = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
     b = await store.begin_delete(ALICE, ROOM, "a", "D1", ["D1", "D2"])
     await store.commit_delete(a)
@@ -55,7 +75,7 @@ async def test_stream_ids_are_unique_across_global_and_room_deletes(store: SqlSt
     assert {p.stream_id for p in await store.pending_for_device(ALICE, "D2")} == {a, b}
 
 
-async def test_abort_leaves_no_trace(store: SqlStore) -> None:
+async def test_abort_leaves_no_trace(store: DeletionStore) -> None:
     sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
     await store.abort_delete(sid)
     assert await rows(store) == set()
@@ -63,7 +83,7 @@ async def test_abort_leaves_no_trace(store: SqlStore) -> None:
     assert not store.has_pending(ALICE, "D2")
 
 
-async def test_aborting_a_second_delete_keeps_the_first(store: SqlStore) -> None:
+async def test_aborting_a_second_delete_keeps_the_first(store: DeletionStore) -> None:
     first = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
     await store.commit_delete(first)
     second = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
@@ -71,7 +91,7 @@ async def test_aborting_a_second_delete_keeps_the_first(store: SqlStore) -> None
     assert await store.pending_for_device(ALICE, "D2") == [PendingDelete(first, None, "a")]
 
 
-async def test_a_new_delete_of_the_same_type_replaces_the_old_one(store: SqlStore) -> None:
+async def test_a_new_delete_of_the_same_type_replaces_the_old_one(store: DeletionStore) -> None:
     first = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "D3"])
     await store.commit_delete(first)
     second = await store.begin_delete(ALICE, None, "a", "D2", ["D1", "D2", "D3"])
@@ -80,13 +100,13 @@ async def test_a_new_delete_of_the_same_type_replaces_the_old_one(store: SqlStor
     assert [t.stream_id for t in await store.tombstones()] == [second]
 
 
-async def test_a_single_device_account_keeps_no_tombstone(store: SqlStore) -> None:
+async def test_a_single_device_account_keeps_no_tombstone(store: DeletionStore) -> None:
     sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1"])
     await store.commit_delete(sid)
     assert await store.tombstones() == []
 
 
-async def test_acknowledgement_by_delivery_and_tombstone_cleanup(store: SqlStore) -> None:
+async def test_acknowledgement_by_delivery_and_tombstone_cleanup(store: DeletionStore) -> None:
     sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "D3"])
     await store.commit_delete(sid)
     await store.record_delivery(ALICE, "D2", "s10", [sid])
@@ -101,7 +121,7 @@ async def test_acknowledgement_by_delivery_and_tombstone_cleanup(store: SqlStore
     assert not store.has_pending(ALICE, "D3")
 
 
-async def test_acknowledgement_by_get(store: SqlStore) -> None:
+async def test_acknowledgement_by_get(store: DeletionStore) -> None:
     g = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
     r = await store.begin_delete(ALICE, ROOM, "a", "D1", ["D1", "D2"])
     await store.commit_delete(g)
@@ -110,7 +130,7 @@ async def test_acknowledgement_by_get(store: SqlStore) -> None:
     assert await store.pending_for_device(ALICE, "D2") == [PendingDelete(g, None, "a")]
 
 
-async def test_revive_drops_tombstone_and_rows(store: SqlStore) -> None:
+async def test_revive_drops_tombstone_and_rows(store: DeletionStore) -> None:
     sid = await store.begin_delete(ALICE, ROOM, "a", "D1", ["D1", "D2"])
     await store.commit_delete(sid)
     await store.revive(ALICE, ROOM, "a")
@@ -118,7 +138,7 @@ async def test_revive_drops_tombstone_and_rows(store: SqlStore) -> None:
     assert await store.tombstones() == []
 
 
-async def test_device_removal(store: SqlStore) -> None:
+async def test_device_removal(store: DeletionStore) -> None:
     sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "D3"])
     await store.commit_delete(sid)
     await store.remove_devices(ALICE, ["D2"])
@@ -128,7 +148,7 @@ async def test_device_removal(store: SqlStore) -> None:
     assert await store.tombstones() == []
 
 
-async def test_devices_the_homeserver_no_longer_lists_are_dropped(store: SqlStore) -> None:
+async def test_devices_the_homeserver_no_longer_lists_are_dropped(store: DeletionStore) -> None:
     first = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "GONE"])
     await store.commit_delete(first)
     second = await store.begin_delete(ALICE, None, "b", "D1", ["D1", "D2"])
@@ -136,16 +156,15 @@ async def test_devices_the_homeserver_no_longer_lists_are_dropped(store: SqlStor
     assert {r[3] for r in await rows(store)} == {"D2"}
 
 
-async def test_state_survives_reopening(tmp_path: Path) -> None:
-    path = tmp_path / "s.sqlite3"
-    s = sqlite_store(path)
+async def test_state_survives_reopening(make_store: MakeStore) -> None:
+    s = make_store()
     await s.open()
     sid = await s.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
     await s.commit_delete(sid)
     pending = await s.begin_delete(ALICE, None, "b", "D1", ["D1", "D2"])
     await s.close()
 
-    again = sqlite_store(path)
+    again = make_store()
     await again.open()
     assert again.has_pending(ALICE, "D2")
     assert await again.pending_for_device(ALICE, "D2") == [
@@ -174,7 +193,7 @@ async def test_a_corrupt_file_is_a_store_error(tmp_path: Path) -> None:
         await sqlite_store(path).open()
 
 
-async def test_commit_and_abort_are_idempotent(store: SqlStore) -> None:
+async def test_commit_and_abort_are_idempotent(store: DeletionStore) -> None:
     """Settling may be attempted more than once for one intent: a second commit (or an
     abort after the commit) must leave the committed delete alone."""
     sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "D3"])

@@ -21,6 +21,11 @@ class PendingIndex:
         # user_id -> stream_ids of deletes whose outcome is unknown (left 'pending' by an
         # earlier process, or by a homeserver write that could not be settled).
         self._orphaned: dict[str, list[int]] = {}
+        # Bumped by every invalidation: a read of the rows begun before one must not
+        # make the user fresh again with what it read (see `token`).
+        self._generation: dict[str, int] = {}
+        # While a full load runs: the users invalidated meanwhile (`None` inside: all).
+        self._during_load: set[str | None] | None = None
 
     # --- questions ----------------------------------------------------------------------
 
@@ -50,7 +55,15 @@ class PendingIndex:
 
     # --- what the store learnt ----------------------------------------------------------
 
-    def set_devices(self, user_id: str, devices: Iterable[str]) -> None:
+    def token(self, user_id: str) -> int:
+        """Taken before reading a user's rows, handed back to `set_devices`."""
+        return self._generation.get(user_id, 0)
+
+    def set_devices(self, user_id: str, devices: Iterable[str], token: int) -> None:
+        """What a read of the user's rows found. If the user was invalidated since the
+        read began (`token`), what it found may be out of date: the user stays stale."""
+        if self._generation.get(user_id, 0) != token:
+            return
         found = frozenset(devices)
         if found:
             self._devices[user_id] = found
@@ -59,8 +72,13 @@ class PendingIndex:
         if self._stale is not None:
             self._stale.discard(user_id)
 
+    def begin_load(self) -> None:
+        """Called before the reads of a full `load`."""
+        self._during_load = set()
+
     def load(self, rows: Iterable[tuple[str, str]], orphans: Iterable[tuple[str, int]]) -> None:
-        """Everything, from (user, device) pairs with rows and (user, stream_id) intents."""
+        """Everything, from (user, device) pairs with rows and (user, stream_id) intents;
+        users invalidated since `begin_load` stay stale."""
         devices: dict[str, set[str]] = {}
         for user_id, device_id in rows:
             devices.setdefault(user_id, set()).add(device_id)
@@ -68,7 +86,8 @@ class PendingIndex:
         self._orphaned = {}
         for user_id, stream_id in orphans:
             self._orphaned.setdefault(user_id, []).append(stream_id)
-        self._stale = set()
+        meanwhile, self._during_load = self._during_load or set(), None
+        self._stale = None if None in meanwhile else {u for u in meanwhile if u is not None}
 
     def mark_orphaned(self, user_id: str, stream_id: int) -> None:
         intents = self._orphaned.setdefault(user_id, [])
@@ -85,11 +104,18 @@ class PendingIndex:
     # --- changes made elsewhere -----------------------------------------------------------
 
     def invalidate(self, user_id: str) -> None:
+        self._generation[user_id] = self._generation.get(user_id, 0) + 1
         if self._stale is not None:
             self._stale.add(user_id)
+        if self._during_load is not None:
+            self._during_load.add(user_id)
 
     def invalidate_all(self) -> None:
+        for user_id in self._generation:
+            self._generation[user_id] += 1
         self._stale = None
+        if self._during_load is not None:
+            self._during_load.add(None)
 
 
 class IndexedAnswers:

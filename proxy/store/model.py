@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from ..records import PendingDelete, Tombstone, UnsyncedRow
+from .operations import TypeLocks
 
 
 class StoreError(Exception):
@@ -17,10 +18,18 @@ class StoreError(Exception):
     the operator, and the proxy does not start."""
 
 
+class StoreConfigError(StoreError):
+    """The configured database cannot be used at all (a PostgreSQL URL that does not
+    connect, a wrong password): a configuration mistake, told as one."""
+
+
 class DeletionStore(Protocol):
     """Tombstones and per-device deletion state, with in-memory answers for the questions
     every request asks (`has_pending`, `has_rows`). Every method that touches the database
     raises `errors.StoreUnavailable` when it fails."""
+
+    # Writes of one (user, room, type) held across the homeserver write (`locks.KeyedLocks`).
+    type_locks: TypeLocks
 
     async def open(self, *, exclusive: bool = True) -> None: ...
     async def close(self) -> None: ...

@@ -11,22 +11,33 @@ Every write refreshes the in-memory index of its user within the same transactio
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
+from ..errors import StoreUnavailable
 from ..records import PendingDelete, Tombstone, UnsyncedRow
 from . import inspection
 from .indexes import IndexedAnswers, PendingIndex
 
 log = logging.getLogger("proxy.store")
 
+# Shared: how often the intents of instances that are gone are looked for.
+ORPHAN_CHECK = 10.0
+
 Statement = tuple[str, Sequence[object]]
 
 
+class TypeLocks(Protocol):
+    def hold(self, key: Hashable, *, required: bool = True) -> AbstractAsyncContextManager[None]: ...
+
+
 class Transaction(Protocol):
+    async def announce(self, user_id: str) -> None: ...
     async def execute(self, sql: str, args: Sequence[object] = ()) -> None: ...
     async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None: ...
     async def fetchall(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]: ...
@@ -34,16 +45,28 @@ class Transaction(Protocol):
 
 
 class Database(Protocol):
+    # Several instances use it (PostgreSQL): their changes are announced, not known.
+    shared: bool
+    # This process, as intents name it.
+    instance: str
+    type_locks: TypeLocks
     # Called (under the database's lock) when the database had to be opened afresh.
     on_reopen: Callable[[Transaction], Awaitable[None]] | None
+    # Shared only: another instance changed a user's rows; the announcements were lost
+    # (every user is stale); they can be heard again (read everything again).
+    on_change: Callable[[str], None] | None
+    on_lost: Callable[[], None] | None
+    on_resync: Callable[[], Awaitable[None]] | None
 
     def transaction(self) -> AbstractAsyncContextManager[Transaction]: ...
     def reading(self) -> AbstractAsyncContextManager[Transaction]: ...
     async def open(self, *, exclusive: bool = True) -> None: ...
     async def close(self) -> None: ...
     def problem(self) -> str | None: ...
+    async def alive(self, tx: Transaction, instance: str | None) -> bool: ...
 
 
+_PENDING = "SELECT user_id, stream_id, instance FROM account_data_tombstones WHERE state = 'pending'"
 _SAME_TYPE = "user_id = ? AND COALESCE(room_id, '') = COALESCE(?, '') AND account_data_type = ?"
 _TOMBSTONE = inspection.TOMBSTONE
 _INSERT_ROW = (
@@ -99,7 +122,12 @@ class SqlStore(IndexedAnswers):
     def __init__(self, db: Database) -> None:
         self.db = db
         self.index = PendingIndex()
+        # Writes of one type serialised: in this process, or (shared) across instances.
+        self.type_locks = db.type_locks
         db.on_reopen = self._load
+        db.on_change = self._changed_elsewhere
+        db.on_lost = self.index.invalidate_all
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -109,25 +137,78 @@ class SqlStore(IndexedAnswers):
             await self._load(tx)
         if orphans := self.index.orphan_count():
             log.warning("%d interrupted deletes will be settled on their users' next requests", orphans)
+        if self.db.shared and exclusive:
+            # From now on a listening connection lost and found again means: read it all again.
+            self.db.on_resync = self._resync
+            self._start(self._adopt_orphans_every(ORPHAN_CHECK))
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.db.close()
 
     def problem(self) -> str | None:
         return self.db.problem()
 
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _load(self, tx: Transaction) -> None:
+        self.index.begin_load()
         rows = await tx.fetchall("SELECT DISTINCT user_id, device_id FROM account_data_unsynced_deletes")
-        orphans = await tx.fetchall(
-            "SELECT user_id, stream_id FROM account_data_tombstones WHERE state = 'pending'"
-        )
+        orphans = await self._orphans(tx)
         self.index.load(rows, orphans)  # type: ignore[arg-type]
 
+    async def _orphans(self, tx: Transaction) -> list[tuple[str, int]]:
+        """Intents still pending whose process is gone: an earlier process (SQLite), or
+        any instance that no longer holds its lock (PostgreSQL)."""
+        found = await tx.fetchall(_PENDING)
+        instances = {instance for _, _, instance in found if instance != self.db.instance}
+        dead = {instance for instance in instances if not await self.db.alive(tx, instance)}
+        return [(user_id, stream_id) for user_id, stream_id, instance in found if instance in dead]
+
+    async def _resync(self) -> None:
+        async with self.db.reading() as tx:
+            await self._load(tx)
+
     async def _refresh(self, tx: Transaction, user_id: str) -> None:
+        token = self.index.token(user_id)
         rows = await tx.fetchall(
             "SELECT DISTINCT device_id FROM account_data_unsynced_deletes WHERE user_id = ?", (user_id,)
         )
-        self.index.set_devices(user_id, (row[0] for row in rows))
+        self.index.set_devices(user_id, (row[0] for row in rows), token)
+        await tx.announce(user_id)
+
+    def _changed_elsewhere(self, user_id: str) -> None:
+        """Another instance changed this user's rows: stale until read again."""
+        self.index.invalidate(user_id)
+        self._start(self._read_again(user_id))
+
+    async def _read_again(self, user_id: str) -> None:
+        token = self.index.token(user_id)
+        with contextlib.suppress(StoreUnavailable):  # stays stale: the slow path asks the database
+            async with self.db.reading() as tx:
+                rows = await tx.fetchall(
+                    "SELECT DISTINCT device_id FROM account_data_unsynced_deletes WHERE user_id = ?",
+                    (user_id,),
+                )
+            self.index.set_devices(user_id, (row[0] for row in rows), token)
+
+    async def _adopt_orphans_every(self, interval: float) -> None:
+        """Intents whose instance died: settled on their users' next requests here, as a
+        restart does for SQLite."""
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(StoreUnavailable):
+                async with self.db.reading() as tx:
+                    found = await self._orphans(tx)
+                for user_id, stream_id in found:
+                    self.index.mark_orphaned(user_id, stream_id)
 
     # --- deletes and revives --------------------------------------------------------------
 
@@ -142,9 +223,10 @@ class SqlStore(IndexedAnswers):
         vanished = sorted(self.index.devices_of(user_id) - set(devices))
         async with self.db.transaction() as tx:
             found = await tx.fetchone(
-                "INSERT INTO account_data_tombstones (user_id, room_id, account_data_type, state, created_ts)"
-                " VALUES (?, ?, ?, 'pending', ?) RETURNING stream_id",
-                (user_id, room_id, account_data_type, _now_ms()),
+                "INSERT INTO account_data_tombstones"
+                " (user_id, room_id, account_data_type, state, created_ts, instance)"
+                " VALUES (?, ?, ?, 'pending', ?, ?) RETURNING stream_id",
+                (user_id, room_id, account_data_type, _now_ms(), self.db.instance),
             )
             assert found is not None
             stream_id = int(found[0])

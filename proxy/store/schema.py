@@ -4,7 +4,8 @@ Tables:
 - `account_data_tombstones`: one row per delete; its `stream_id` is unique across
   global and room account data. `state` is 'pending' while the homeserver write is
   under way (an intent: one a crash leaves behind is settled on its user's next
-  request, see `deletion.settle`) and 'done' after.
+  request, see `deletion.settle`) and 'done' after; `instance` names the process that
+  began it.
 - `account_data_unsynced_deletes`: the design brief's table, one row per device that
   has not yet seen a delete. The brief's foreign keys point at homeserver tables that
   this database does not have, so they are omitted.
@@ -72,6 +73,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Commit, abort and revive remove deliveries by stream_id: without this index,
         # each of them scanned the whole table.
         "CREATE INDEX sync_deliveries_stream_id ON sync_deliveries(stream_id)",
+    ),
+    (
+        # The process that began an intent: one whose process is gone is settled by
+        # another (on PostgreSQL, by any instance; here, the next process).
+        "ALTER TABLE account_data_tombstones ADD COLUMN instance TEXT",
     ),
 )
 

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import aiosqlite
 
 from ..errors import StoreUnavailable
+from ..locks import KeyedLocks
 from .faults import FaultLog
 from .model import StoreError
 from .schema import MIGRATIONS, SCHEMA_VERSION
@@ -63,6 +65,9 @@ class Transaction:
             row = await cursor.fetchone()
         return tuple(row) if row is not None else None
 
+    async def announce(self, user_id: str) -> None:
+        """Nobody else uses the file: there is no other instance to tell."""
+
 
 class SqliteDatabase:
     def __init__(self, path: Path, *, busy_timeout: float = 5.0) -> None:
@@ -74,9 +79,17 @@ class SqliteDatabase:
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._reopen = False
         self.faults = FaultLog(str(path))
+        # One process per file: writes of one type are serialised in it.
+        self.shared = False
+        self.instance = secrets.token_hex(8)
+        self.type_locks = KeyedLocks()
         # Called (inside the lock) after the file was opened afresh: the in-memory index
         # the store keeps must be read again from it.
         self.on_reopen: Callable[[Transaction], Awaitable[None]] | None = None
+        # Never called: no other instance shares the file.
+        self.on_change: Callable[[str], None] | None = None
+        self.on_lost: Callable[[], None] | None = None
+        self.on_resync: Callable[[], Awaitable[None]] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -162,6 +175,10 @@ class SqliteDatabase:
         """Reads, the connection to itself (WAL: they never wait for another process)."""
         async with self._locked():
             yield Transaction(self.connection)
+
+    async def alive(self, tx: Transaction, instance: str | None) -> bool:
+        """One process per file: an intent begun by another process was left by it."""
+        return False
 
     def problem(self) -> str | None:
         """Why the database cannot be used now, or None: the last operation failed, or
