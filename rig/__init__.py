@@ -7,7 +7,8 @@ imported from the repository root, which pytest (`pythonpath = ["."]`), the scri
 (`scripts/_bootstrap.py`) and the benchmark (`bench/run.py`, `bench/soak.py`) put on
 `sys.path`.
 
-- `rig.processes`: child processes (`spawn_child`, `stop_process`), ports (`free_port`,
+- `rig.processes`: child processes (`spawn_child`, optionally as another user:
+  `RunAs`; `stop_process`, `child_pids`, `process_gone`), ports (`free_port`,
   `port_is_free`), waiting for a server (`wait_for_port`, `wait_until_answering`), a
   blocking JSON request (`http_json`, `open_direct`), `file_lock`, `tail`, `say`.
 - `rig.synapse`: Synapse in a cached venv of its own (`ensure_synapse_venv`), its test
@@ -17,9 +18,13 @@ imported from the repository root, which pytest (`pythonpath = ["."]`), the scri
 - `rig.proxy_process`: `ProxyProcess` (`python -m proxy --config FILE`), the TOML it
   writes (`toml_dumps`, `merged`).
 - `rig.nginx`: `Nginx`, one nginx in the foreground with a given `http {}` body.
-- `rig.programs`: nginx, Node.js and Chromium (`find_program`, `locate`), the Debian
-  packages that bring them (`debian_packages_to_install`, `install_debian_packages`),
-  and `npm ci` per JS project (`JS_PROJECTS`, `ensure_js_packages`).
+- `rig.postgres`: `PostgresServer`, a throwaway PostgreSQL cluster (`initdb` in a
+  directory of its own, run as the `postgres` user when we are root, loopback, a free
+  port), its databases, roles and URLs, and SQL for assertions over asyncpg.
+- `rig.programs`: nginx, Node.js, Chromium and PostgreSQL (`find_program`,
+  `find_postgres_bindir`, `locate`), the Debian packages that bring them
+  (`debian_packages_to_install`, `install_debian_packages`), and `npm ci` per JS
+  project (`JS_PROJECTS`, `ensure_js_packages`).
 """
 
 from __future__ import annotations

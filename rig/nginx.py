@@ -9,21 +9,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from rig.processes import spawn_child, stop_process, tail, wait_for_port
+from rig.processes import child_pids, spawn_child, stop_process, tail, wait_for_port
 from rig.programs import find_program
 
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-
-
-def child_pids(pid: int) -> list[int]:
-    """The PIDs of a process's children (Linux: /proc/PID/task/*/children)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return found
 
 
 class Nginx:

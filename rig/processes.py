@@ -11,6 +11,8 @@ import contextlib
 import ctypes
 import fcntl
 import json
+import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -18,7 +20,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -74,9 +77,12 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 # --- child processes -------------------------------------------------------------------------
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM the child when the test process dies,
-    so a killed test run does not leave servers behind. Bound before forking."""
+def _die_with_parent(death_signal: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to send `death_signal` to the child when the thread
+    that started it dies, so a killed test run does not leave servers behind. Bound
+    before forking. Popen calls it after switching to the `user` and `group` it was
+    given, which matters: Linux clears this setting when a process changes its user or
+    group IDs."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -86,24 +92,76 @@ def _die_with_parent() -> Callable[[], None] | None:
     pr_set_pdeathsig = 1
 
     def preexec() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        prctl(pr_set_pdeathsig, int(death_signal), 0, 0, 0)
 
     return preexec
 
 
-def spawn_child(argv: list[str], output: IO[Any] | int, cwd: Path = REPO_ROOT) -> subprocess.Popen[bytes]:
-    """Start a helper process (Synapse, the proxy, nginx): output to `output` (a file or
-    DEVNULL), no input, in its own session, so a Ctrl-C meant for the test run or the
-    demo does not reach it (it is stopped explicitly, by PID), and SIGTERMed if we die."""
+@dataclass(frozen=True)
+class RunAs:
+    """Another system user for a child process (PostgreSQL refuses to run as root):
+    its user ID, primary group and supplementary groups (not root's)."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+    @classmethod
+    def of(cls, name: str) -> RunAs:
+        """KeyError if there is no such user."""
+        entry = pwd.getpwnam(name)
+        return cls(name, entry.pw_uid, entry.pw_gid, tuple(os.getgrouplist(name, entry.pw_gid)))
+
+
+def spawn_child(
+    argv: list[str],
+    output: IO[Any] | int,
+    cwd: Path = REPO_ROOT,
+    *,
+    death_signal: signal.Signals = signal.SIGTERM,
+    run_as: RunAs | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a helper process (Synapse, the proxy, nginx, PostgreSQL): output to `output`
+    (a file or DEVNULL), no input, in its own session, so a Ctrl-C meant for the test
+    run or the demo does not reach it (it is stopped explicitly, by PID), and sent
+    `death_signal` if we die. With `run_as` (needs root) it runs as that user."""
     return subprocess.Popen(
         argv,
         cwd=cwd,
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=output,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_die_with_parent(),
+        preexec_fn=_die_with_parent(death_signal),
+        user=None if run_as is None else run_as.uid,
+        group=None if run_as is None else run_as.gid,
+        extra_groups=None if run_as is None else list(run_as.groups),
     )
+
+
+def child_pids(pid: int) -> list[int]:
+    """The PIDs of a process's children (Linux: /proc/PID/task/*/children)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def process_gone(pid: int) -> bool:
+    """True once `pid` has exited (a zombie waiting for its parent counts as gone: it
+    holds no memory, files or ports any more)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    # The state follows the command name, which is in parentheses and may hold spaces.
+    return stat[stat.rindex(")") + 2 :].startswith(("Z", "X"))
 
 
 def stop_process(process: subprocess.Popen[bytes], grace: float) -> None:

