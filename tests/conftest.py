@@ -41,6 +41,15 @@ def msc3391(request: pytest.FixtureRequest) -> bool:
     return request.param
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The proxy's store, for `start_proxy(url, **store_backend)`: each test that takes it
+    runs on the SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return {}
+    return {"store": {"url": request.getfixturevalue("postgres_url")}}
+
+
 @pytest.fixture
 async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     """`await start_proxy(upstream_url, msc3391=True, proxy={...}, ...)`: a proxy in

@@ -29,8 +29,10 @@ MakeDevices = Callable[[int], Awaitable[list[Device]]]
 
 
 @pytest.fixture
-async def proxy(start_proxy: Callable[..., Awaitable[ProxyServer]], synapse: SynapseServer) -> ProxyServer:
-    return await start_proxy(synapse.url)
+async def proxy(
+    start_proxy: Callable[..., Awaitable[ProxyServer]], synapse: SynapseServer, store_backend: dict[str, Any]
+) -> ProxyServer:
+    return await start_proxy(synapse.url, **store_backend)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -25,8 +26,10 @@ Rows = set[tuple[str | None, str, str]]
 
 
 @pytest.fixture
-async def proxy(start_proxy: Callable[..., Awaitable[ProxyServer]], synapse: SynapseServer) -> ProxyServer:
-    return await start_proxy(synapse.url)
+async def proxy(
+    start_proxy: Callable[..., Awaitable[ProxyServer]], synapse: SynapseServer, store_backend: dict[str, Any]
+) -> ProxyServer:
+    return await start_proxy(synapse.url, **store_backend)
 
 
 @pytest.fixture
