@@ -30,8 +30,6 @@ class Context:
     repairs: Repairs = field(init=False)
     # user_id -> when its device list was last compared with its rows (monotonic).
     device_sweeps: dict[str, float] = field(default_factory=dict)
-    # (user_id, device_id) -> until when (monotonic) its syncs may carry a nudge of ours.
-    nudged: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.type_locks = self.store.type_locks

@@ -204,5 +204,3 @@ async def _settle_held(
         return False
     ctx.store.mark_orphaned(tombstone.user_id, stream_id)
     return None
-
-

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # write: measured 8-45% faster than chunk-by-chunk streaming, and bounded in memory.
 _WHOLE_BODY_LIMIT = 1 << 20
 
+
 class _StreamedBody:
     """A client's request body on its way upstream, chunk by chunk as it arrives (never
     buffered), each wait for the next chunk bounded by `idle` seconds.
@@ -353,7 +354,6 @@ class Upstream:
                 body = await response.read()
                 self.homeserver_headers.learn(response.headers)
                 return UpstreamReply(response.status, body, response.headers, response.reason)
-
 
 
 class Answer(Protocol):

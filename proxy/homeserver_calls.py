@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +21,6 @@ from .routing import encode_segment, split_raw_path
 # How long after a nudge the device's syncs are read for it (it is acknowledged by the
 # device's next sync, or by the to-device `since` of a sliding sync connection).
 NUDGE_VISIBLE_FOR = 600.0
-NUDGES_KEPT = 10_000
 
 
 async def call_as(
@@ -90,6 +88,10 @@ async def nudge(ctx: Context, request: web.Request, requester: Requester) -> boo
     and its next sync token differs from the last one. True if the homeserver took it."""
     if requester.device_id is None:
         return False
+    # Until it is acknowledged, every sync of the device may carry it, on any of its
+    # connections (an encryption-only sliding sync connection too), answered by any
+    # instance: marked before it is sent, since it wakes a waiting sync at once.
+    await ctx.store.note_nudge(requester.user_id, requester.device_id, NUDGE_VISIBLE_FOR)
     try:
         reply = await call_as(
             ctx,
@@ -101,16 +103,7 @@ async def nudge(ctx: Context, request: web.Request, requester: Requester) -> boo
         )
     except MatrixError:
         return False
-    if reply.status != 200:
-        return False
-    # Until it is acknowledged, every sync of the device may carry it, on any of its
-    # connections (an encryption-only sliding sync connection too): read those answers.
-    if len(ctx.nudged) > NUDGES_KEPT:
-        now = time.monotonic()
-        for key in [k for k, until in ctx.nudged.items() if until < now]:
-            del ctx.nudged[key]
-    ctx.nudged[(requester.user_id, requester.device_id)] = time.monotonic() + NUDGE_VISIBLE_FOR
-    return True
+    return reply.status == 200
 
 
 async def again_after_a_nudge(

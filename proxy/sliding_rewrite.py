@@ -60,7 +60,7 @@ def _list_rooms(body: Mapping[str, Any]) -> dict[str, set[str]]:
     """The room IDs of each list in a response (`lists.{name}.ops[].room_ids`)."""
     out: dict[str, set[str]] = {}
     lists = body.get("lists")
-    for name, found in (lists.items() if isinstance(lists, Mapping) else ()):
+    for name, found in lists.items() if isinstance(lists, Mapping) else ():
         rooms: set[str] = set()
         ops = found.get("ops") if isinstance(found, Mapping) else None
         for op in ops if isinstance(ops, list) else ():

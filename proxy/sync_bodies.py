@@ -19,7 +19,6 @@ T = TypeVar("T")
 _THREAD_THRESHOLD = 1 << 20
 
 
-
 _gc_holds = 0
 _gc_was_enabled = True
 
@@ -65,5 +64,3 @@ def dumps(body: dict[str, Any]) -> bytes:
         return jsoncodec.dumps(body)
     except ValueError:
         raise bad_gateway("The homeserver sent a sync response that cannot be rewritten") from None
-
-

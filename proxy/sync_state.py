@@ -57,8 +57,7 @@ def must_read(ctx: Context, requester: Requester) -> bool:
         return False
     if ctx.store.has_pending(requester.user_id, device_id):
         return True
-    until = ctx.nudged.get((requester.user_id, device_id))
-    return until is not None and until > time.monotonic()
+    return ctx.store.nudged(requester.user_id, device_id)
 
 
 async def pending_for(ctx: Context, requester: Requester) -> list[PendingDelete]:

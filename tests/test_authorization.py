@@ -442,9 +442,7 @@ async def test_no_access_token_reaches_any_log_record(
 async def test_no_access_token_reaches_the_log_of_the_proxy_process(
     hs: FakeHomeserver, http: aiohttp.ClientSession, proxy_process: Callable[..., ProxyProcess]
 ) -> None:
-    proxy = await asyncio.to_thread(
-        proxy_process, hs.url, True, '[proxy]\nlog_level = "DEBUG"\n'
-    )
+    proxy = await asyncio.to_thread(proxy_process, hs.url, True, '[proxy]\nlog_level = "DEBUG"\n')
 
     await varied_run(http, proxy, hs)
     await asyncio.to_thread(proxy.stop)

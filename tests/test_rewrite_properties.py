@@ -89,9 +89,7 @@ modes = st.sampled_from([(False, False), (True, False), (True, True)])  # (incre
 
 def live_entries(body: dict[str, Any]) -> list[tuple[str | None, str]]:
     return sorted(
-        (room or "", json.dumps(e, sort_keys=True))
-        for room, e in entries(body)
-        if not is_deletion(e)
+        (room or "", json.dumps(e, sort_keys=True)) for room, e in entries(body) if not is_deletion(e)
     )
 
 

@@ -38,6 +38,8 @@ RouteName = str
 
 def match(method: str, raw_path: str) -> routing.RouteMatch | None:
     return routing.match(method, raw_path, ROUTES)
+
+
 PREFIXES = ("r0", "v3", "unstable")
 V1_PREFIXES = ("api/v1", "r0", "v3", "unstable")
 ALICE = "%40alice%3Alocalhost"

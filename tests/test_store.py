@@ -3,6 +3,7 @@ backends: each test that takes `make_store` or `store` runs on SQLite and on Pos
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from proxy.config import parse_config
 from proxy.store import SCHEMA_VERSION, DeletionStore, PendingDelete, StoreError, open_store, sqlite_store
-from tests.matrix import ALICE, ROOM
+from tests.matrix import ALICE, BOB, ROOM
 
 MakeStore = Callable[[], DeletionStore]
 
@@ -128,6 +129,15 @@ async def test_acknowledgement_by_get(store: DeletionStore) -> None:
     await store.commit_delete(r)
     assert await store.acknowledge_type(ALICE, "D2", ROOM, "a") == 1
     assert await store.pending_for_device(ALICE, "D2") == [PendingDelete(g, None, "a")]
+
+
+async def test_a_nudge_is_known_for_its_device_until_its_time_is_up(store: DeletionStore) -> None:
+    assert not store.nudged(ALICE, "D1")
+    await store.note_nudge(ALICE, "D1", 0.2)
+    assert store.nudged(ALICE, "D1")
+    assert not store.nudged(ALICE, "D2") and not store.nudged(BOB, "D1")
+    await asyncio.sleep(0.25)
+    assert not store.nudged(ALICE, "D1")
 
 
 async def test_revive_drops_tombstone_and_rows(store: DeletionStore) -> None:

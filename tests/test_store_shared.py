@@ -83,6 +83,25 @@ async def test_a_proof_of_receipt_recorded_by_one_instance_is_honoured_by_the_ot
     assert await eventually(lambda: not a.has_pending(ALICE, "D2"))
 
 
+async def test_a_nudge_noted_by_one_instance_is_known_to_the_other(instances: Stores) -> None:
+    a, b = await instances(), await instances()
+    assert not a.nudged(ALICE, "D1") and not b.nudged(ALICE, "D1")
+
+    await a.note_nudge(ALICE, "D1", 600.0)
+
+    assert a.nudged(ALICE, "D1")
+    assert await eventually(lambda: b.nudged(ALICE, "D1"))
+    assert not b.nudged(ALICE, "D2")
+
+
+async def test_a_nudge_is_forgotten_when_its_time_is_up_on_every_instance(instances: Stores) -> None:
+    a, b = await instances(), await instances()
+    await a.note_nudge(ALICE, "D1", 0.3)
+    assert await eventually(lambda: b.nudged(ALICE, "D1"))
+
+    assert await eventually(lambda: not a.nudged(ALICE, "D1") and not b.nudged(ALICE, "D1"), within=5)
+
+
 async def test_stream_ids_stay_unique_across_instances(instances: Stores) -> None:
     a, b = await instances(), await instances()
     begun = await asyncio.gather(

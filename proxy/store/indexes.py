@@ -9,7 +9,11 @@ answers "maybe" (True) for that user until the store has read the user's rows ag
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+
+# Nudge marks kept before the expired ones are swept out.
+NUDGES_KEPT = 10_000
 
 
 class PendingIndex:
@@ -26,6 +30,8 @@ class PendingIndex:
         self._generation: dict[str, int] = {}
         # While a full load runs: the users invalidated meanwhile (`None` inside: all).
         self._during_load: set[str | None] | None = None
+        # (user_id, device_id) -> until when (monotonic) its syncs may carry a nudge.
+        self._nudged: dict[tuple[str, str], float] = {}
 
     # --- questions ----------------------------------------------------------------------
 
@@ -52,6 +58,10 @@ class PendingIndex:
 
     def orphan_count(self) -> int:
         return sum(map(len, self._orphaned.values()))
+
+    def nudged(self, user_id: str, device_id: str) -> bool:
+        until = self._nudged.get((user_id, device_id))
+        return until is not None and until > time.monotonic()
 
     # --- what the store learnt ----------------------------------------------------------
 
@@ -88,6 +98,13 @@ class PendingIndex:
             self._orphaned.setdefault(user_id, []).append(stream_id)
         meanwhile, self._during_load = self._during_load or set(), None
         self._stale = None if None in meanwhile else {u for u in meanwhile if u is not None}
+
+    def mark_nudged(self, user_id: str, device_id: str, seconds: float) -> None:
+        now = time.monotonic()
+        if len(self._nudged) > NUDGES_KEPT:
+            self._nudged = {key: until for key, until in self._nudged.items() if until > now}
+        until = now + seconds
+        self._nudged[(user_id, device_id)] = max(until, self._nudged.get((user_id, device_id), until))
 
     def mark_orphaned(self, user_id: str, stream_id: int) -> None:
         intents = self._orphaned.setdefault(user_id, [])
@@ -131,6 +148,9 @@ class IndexedAnswers:
 
     def devices_pending(self) -> int:
         return self.index.devices_pending()
+
+    def nudged(self, user_id: str, device_id: str) -> bool:
+        return self.index.nudged(user_id, device_id)
 
     def orphaned_intents(self, user_id: str) -> list[int]:
         return self.index.orphaned(user_id)

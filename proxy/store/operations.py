@@ -57,6 +57,8 @@ class Database(Protocol):
     on_change: Callable[[str], None] | None
     on_lost: Callable[[], None] | None
     on_resync: Callable[[], Awaitable[None]] | None
+    # Shared only: another instance nudged (user, device) for `seconds`.
+    on_nudge: Callable[[str, str, float], None] | None
 
     def transaction(self) -> AbstractAsyncContextManager[Transaction]: ...
     def reading(self) -> AbstractAsyncContextManager[Transaction]: ...
@@ -64,6 +66,7 @@ class Database(Protocol):
     async def close(self) -> None: ...
     def problem(self) -> str | None: ...
     async def alive(self, tx: Transaction, instance: str | None) -> bool: ...
+    async def announce_nudge(self, user_id: str, device_id: str, seconds: float) -> None: ...
 
 
 _PENDING = "SELECT user_id, stream_id, instance FROM account_data_tombstones WHERE state = 'pending'"
@@ -127,6 +130,7 @@ class SqlStore(IndexedAnswers):
         db.on_reopen = self._load
         db.on_change = self._changed_elsewhere
         db.on_lost = self.index.invalidate_all
+        db.on_nudge = self.index.mark_nudged
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -209,6 +213,15 @@ class SqlStore(IndexedAnswers):
                     found = await self._orphans(tx)
                 for user_id, stream_id in found:
                     self.index.mark_orphaned(user_id, stream_id)
+
+    async def note_nudge(self, user_id: str, device_id: str, seconds: float) -> None:
+        self.index.mark_nudged(user_id, device_id, seconds)
+        if self.db.shared:
+            # Told before the nudge is sent, so that it is known wherever the device's
+            # woken sync is answered. Lost with the database: that instance then lets a
+            # harmless to-device message of the proxy's own through.
+            with contextlib.suppress(StoreUnavailable):
+                await self.db.announce_nudge(user_id, device_id, seconds)
 
     # --- deletes and revives --------------------------------------------------------------
 

@@ -92,8 +92,7 @@ class PostgresTransaction:
 
     async def announce(self, user_id: str) -> None:
         """Tell the other instances that this user's rows change (sent at commit)."""
-        payload = json.dumps([self._instance, user_id])
-        await self._conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+        await self._conn.execute("SELECT pg_notify($1, $2)", CHANNEL, json.dumps([self._instance, user_id]))
 
 
 class PostgresDatabase:
@@ -116,6 +115,7 @@ class PostgresDatabase:
         self.on_resync: Callable[[], Awaitable[None]] | None = None
         self.on_reopen: Callable[[Any], Awaitable[None]] | None = None
         self.on_lost: Callable[[], None] | None = None
+        self.on_nudge: Callable[[str, str, float], None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
 
@@ -218,6 +218,11 @@ class PostgresDatabase:
 
     # --- other instances' changes -------------------------------------------------------------
 
+    async def announce_nudge(self, user_id: str, device_id: str, seconds: float) -> None:
+        payload = json.dumps([self.instance, user_id, device_id, seconds])
+        async with self._connection() as conn:
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+
     async def _listen(self) -> None:
         """Keep one connection listening; while it is not, every user is stale."""
         while True:
@@ -257,12 +262,20 @@ class PostgresDatabase:
             await asyncio.sleep(LISTENER_RETRY)
 
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        """`[instance, user_id]`: the user's rows changed; `[instance, user_id, device_id,
+        seconds]`: that device was nudged."""
         try:
-            instance, user_id = json.loads(payload)
+            instance, user_id, *nudged = json.loads(payload)
+            if instance == self.instance:
+                return
+            if not nudged:
+                if self.on_change is not None:
+                    self.on_change(user_id)
+            elif self.on_nudge is not None:
+                device_id, seconds = nudged
+                self.on_nudge(str(user_id), str(device_id), float(seconds))
         except (ValueError, TypeError):
             return
-        if instance != self.instance and self.on_change is not None:
-            self.on_change(user_id)
 
 
 def _lock_key(key: Hashable) -> int:

@@ -90,6 +90,7 @@ class SqliteDatabase:
         self.on_change: Callable[[str], None] | None = None
         self.on_lost: Callable[[], None] | None = None
         self.on_resync: Callable[[], Awaitable[None]] | None = None
+        self.on_nudge: Callable[[str, str, float], None] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -179,6 +180,9 @@ class SqliteDatabase:
     async def alive(self, tx: Transaction, instance: str | None) -> bool:
         """One process per file: an intent begun by another process was left by it."""
         return False
+
+    async def announce_nudge(self, user_id: str, device_id: str, seconds: float) -> None:
+        """Nobody else uses the file: there is no other instance to tell."""
 
     def problem(self) -> str | None:
         """Why the database cannot be used now, or None: the last operation failed, or
