@@ -18,7 +18,7 @@ import pytest
 
 from proxy.config import parse_config
 from proxy.errors import StoreUnavailable
-from proxy.store import DeletionStore, open_store, operations
+from proxy.store import DeletionStore, open_store, operations, postgres
 from tests.matrix import ALICE
 
 pytestmark = pytest.mark.postgres
@@ -163,7 +163,11 @@ async def test_a_store_that_cannot_hear_the_others_asks_the_database(
         assert killed == 2
     finally:
         await admin.close()
-    assert await eventually(lambda: b.has_pending("@nobody:localhost", "X") and a.has_pending("@x:y", "Z"))
+    # Known when the server closes the connection, not at the next check of it.
+    assert await eventually(
+        lambda: b.has_pending("@nobody:localhost", "X") and a.has_pending("@x:y", "Z"),
+        within=postgres.LISTENER_CHECK / 2,
+    )
 
     sid = await a.begin_delete(ALICE, None, "t", "D1", ["D1", "D2"])
     await a.commit_delete(sid)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -235,15 +236,27 @@ class PostgresDatabase:
                 )
                 # Held as long as this connection lives: the others know this instance alive
                 # (`alive`), and leave its intents under way alone.
-                await conn.fetchval("SELECT pg_try_advisory_lock($1)", _lock_key(["instance", self.instance]))
+                # (Still held by a session of ours the server has not noticed is gone: not
+                # listening until it is ours again, or the others would think us dead.)
+                if not await conn.fetchval(
+                    "SELECT pg_try_advisory_lock($1)", _lock_key(["instance", self.instance])
+                ):
+                    raise ConnectionError("this instance's liveness lock is held by an old session")
                 await conn.add_listener(CHANNEL, self._notified)
+                # A connection the server closes (a restart, an administrator) is known
+                # at once, not at the next check: announcements may be missed from then.
+                closed = asyncio.Event()
+                conn.add_termination_listener(functools.partial(self._listener_closed, closed))
                 if self.on_resync is not None:
                     await self.on_resync()
                 if not self._listening.is_set():
                     log.info("store: listening for the changes of other instances")
                 self._listening.set()
                 while True:
-                    await asyncio.sleep(LISTENER_CHECK)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(closed.wait(), LISTENER_CHECK)
+                    if closed.is_set():
+                        raise ConnectionError("the server closed the connection")
                     await conn.fetchval("SELECT 1", timeout=LISTENER_CHECK)
             except asyncio.CancelledError:
                 raise
@@ -260,6 +273,11 @@ class PostgresDatabase:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), LISTENER_CHECK)
             await asyncio.sleep(LISTENER_RETRY)
+
+    def _listener_closed(self, closed: asyncio.Event, _conn: object) -> None:
+        closed.set()
+        if self.on_lost is not None:
+            self.on_lost()
 
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
         """`[instance, user_id]`: the user's rows changed; `[instance, user_id, device_id,
