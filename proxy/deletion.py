@@ -83,6 +83,12 @@ async def _write_content(
         return reply
 
 
+def _discard(task: asyncio.Future[Any]) -> None:
+    """A read no longer wanted: cancelled if still running, its outcome never asked for."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+
 async def _to_completion(work: Coroutine[Any, Any, T]) -> T:
     """Run `work` to its end even if the client goes away (its handler is cancelled):
     a write the homeserver accepted is always followed by the store's part of it."""
@@ -99,19 +105,26 @@ async def _delete(
         # A store write of this type still queued from a fault comes first; if the
         # store still fails, so would this delete's, before anything reaches the homeserver.
         await ctx.repairs.flush(key)
-        current = await call_as(ctx, request, requester, "GET", path)
-        if current.status == 404 or (current.status == 200 and is_empty_object(current.body)):
-            # Never set, or deleted already: as in Synapse, the homeserver is not written
-            # and no other device is told again. The device that asked is: a client
-            # deleting with `PUT {}` waits for the deletion to come back over its sync
-            # (matrix-js-sdk 43 waits for ever).
-            await _echo_to_the_deleting_device(ctx, request, requester, key)
-            return
-        if current.status != 200:
-            # Whether there is anything to delete is unknown: the homeserver's error
-            # goes back rather than a guess (a `{}` written for a type never set).
-            raise current.refusal("the read")
-        devices = await device_ids(ctx, request, requester)
+        # Two independent reads at once, both under the lock: the devices are the ones
+        # the account has when the homeserver takes the write.
+        listing = asyncio.ensure_future(device_ids(ctx, request, requester))
+        try:
+            current = await call_as(ctx, request, requester, "GET", path)
+            if current.status == 404 or (current.status == 200 and is_empty_object(current.body)):
+                # Never set, or deleted already: as in Synapse, the homeserver is not
+                # written and no other device is told again. The device that asked is:
+                # a client deleting with `PUT {}` waits for the deletion to come back
+                # over its sync (matrix-js-sdk 43 waits for ever).
+                _discard(listing)
+                await _echo_to_the_deleting_device(ctx, request, requester, key)
+                return
+            if current.status != 200:
+                # Whether there is anything to delete is unknown: the homeserver's error
+                # goes back rather than a guess (a `{}` written for a type never set).
+                raise current.refusal("the read")
+            devices = await listing
+        finally:
+            _discard(listing)
         stream_id = await ctx.store.begin_delete(
             user_id, room_id, account_data_type, requester.device_id, devices
         )

@@ -133,8 +133,9 @@ class Fault:
     if `apply` (its effect lands, its answer is kept only if nothing below replaces
     it), then one of `hang`, `disconnect`, a canned answer (`status` with `json` or
     `body`), or carry on normally. With `go_down_after` the answer closes its
-    connection and the homeserver stops accepting new ones (as after `go_down()`)
-    until `come_up()`: the next request is refused. `times` limits how many requests
+    connection (with `disconnect`: there is no answer) and the homeserver stops
+    accepting new ones (as after `go_down()`) until `come_up()`: the next request is
+    refused. `times` limits how many requests
     it applies to; `hits` counts them.
 
     `apply` gives the ambiguous outcomes of a write: `apply=True, hang=True` is a write
@@ -274,11 +275,16 @@ class FakeHomeserver:
         self._wake = asyncio.Event()
         self._arrived = asyncio.Event()
         self._runner: web.ServerRunner | None = None
+        # Down after a `go_down_after` fault: a connection still open (kept alive by the
+        # client while the fault's request ran) is closed at its next request, as the
+        # connection itself would have been refused.
+        self._refusing = False
         self._routes: list[tuple[re.Pattern[str], dict[str, Handler], bool]] = self._route_table()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        self._refusing = False
         # access_log=None: the request line carries access tokens, and tests check
         # that no log record holds one.
         server = web.Server(
@@ -319,13 +325,17 @@ class FakeHomeserver:
             await self.stop()
         await self.start()
 
-    async def _refuse_new_connections(self) -> None:
-        """Stop listening and close idle connections; requests in flight still finish."""
+    async def _refuse_new_connections(self, current: web.BaseRequest) -> None:
+        """Stop listening and close every other connection (the client's pool must not
+        keep one to send the next request on); `current`'s closes after its answer."""
         assert self._runner is not None
+        self._refusing = True
         for site in list(self._runner.sites):
             await site.stop()
         if self._runner.server is not None:
-            self._runner.server.pre_shutdown()
+            for connection in self._runner.server.connections:
+                if connection is not current.protocol:
+                    connection.force_close()
 
     @property
     def is_up(self) -> bool:
@@ -508,6 +518,10 @@ class FakeHomeserver:
         return response
 
     async def _answer(self, request: web.BaseRequest, record: RecordedRequest) -> web.StreamResponse:
+        if self._refusing:
+            if request.transport is not None:
+                request.transport.close()
+            await asyncio.Event().wait()  # cancelled when the connection is gone
         for fault in self.faults:
             if fault.applies(request.method, record.path):
                 fault.hits += 1
@@ -548,6 +562,8 @@ class FakeHomeserver:
             self.hang_started.set()
             await asyncio.Event().wait()
         if fault.disconnect:
+            if fault.go_down_after:
+                await self._refuse_new_connections(request)
             if request.transport is not None:
                 request.transport.close()
             await asyncio.Event().wait()  # cancelled when the connection is gone
@@ -562,7 +578,7 @@ class FakeHomeserver:
                 answer = self._json(request, e.body, status=e.status)
         if fault.go_down_after:
             answer.force_close()
-            await self._refuse_new_connections()
+            await self._refuse_new_connections(request)
         return answer
 
     # ------------------------------------------------------------------ helpers

@@ -1,4 +1,4 @@
-"""Reading the proxy's SQLite store from outside the proxy, and its invariants.
+"""Reading the proxy's store from outside the proxy, and its invariants.
 
 The proxy may be a process of its own or killed a moment ago: the file is opened
 with a separate `sqlite3` connection (WAL lets it read while the proxy writes), so
@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import asyncpg
 
 # (user_id, room_id or None, type) -> whether the homeserver holds content for it
 # (True), holds `{}` or nothing (False).
@@ -51,21 +53,34 @@ def _connect(path: Path) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
+_TOMBSTONES = (
+    "SELECT stream_id, user_id, room_id, account_data_type, state"
+    " FROM account_data_tombstones ORDER BY stream_id"
+)
+_ROWS = (
+    "SELECT stream_id, user_id, room_id, account_data_type, device_id"
+    " FROM account_data_unsynced_deletes ORDER BY stream_id, device_id"
+)
+_DELIVERIES = "SELECT stream_id, user_id, device_id, next_batch FROM sync_deliveries ORDER BY stream_id"
+
+
 def snapshot(path: Path) -> Snapshot:
     with _connect(path) as db:
         return Snapshot(
-            tombstones=db.execute(
-                "SELECT stream_id, user_id, room_id, account_data_type, state"
-                " FROM account_data_tombstones ORDER BY stream_id"
-            ).fetchall(),
-            rows=db.execute(
-                "SELECT stream_id, user_id, room_id, account_data_type, device_id"
-                " FROM account_data_unsynced_deletes ORDER BY stream_id, device_id"
-            ).fetchall(),
-            deliveries=db.execute(
-                "SELECT stream_id, user_id, device_id, next_batch FROM sync_deliveries ORDER BY stream_id"
-            ).fetchall(),
+            tombstones=db.execute(_TOMBSTONES).fetchall(),
+            rows=db.execute(_ROWS).fetchall(),
+            deliveries=db.execute(_DELIVERIES).fetchall(),
         )
+
+
+async def postgres_snapshot(url: str) -> Snapshot:
+    """The same, of a PostgreSQL store (the same tables), on a connection of its own."""
+    db = await asyncpg.connect(url)
+    try:
+        found = [[tuple(r) for r in await db.fetch(sql)] for sql in (_TOMBSTONES, _ROWS, _DELIVERIES)]
+    finally:
+        await db.close()
+    return Snapshot(*found)  # type: ignore[arg-type]
 
 
 def consistency_problems(state: Snapshot, is_live: IsLive) -> list[str]:

@@ -7,6 +7,9 @@ their device proves receipt, and a settled tombstone goes with its last row.
 
 Statements use `?` placeholders; a backend translates them if its driver wants others.
 Every write refreshes the in-memory index of its user within the same transaction.
+Only the intent and a revive are durable transactions (on disk before they return, a
+power cut or not): whatever else a power cut loses is an intent left pending (settled
+from the homeserver) or a device told a delete once more.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class Database(Protocol):
     # Shared only: another instance nudged (user, device) for `seconds`.
     on_nudge: Callable[[str, str, float], None] | None
 
-    def transaction(self) -> AbstractAsyncContextManager[Transaction]: ...
+    def transaction(self, *, durable: bool = True) -> AbstractAsyncContextManager[Transaction]: ...
     def reading(self) -> AbstractAsyncContextManager[Transaction]: ...
     async def open(self, *, exclusive: bool = True) -> None: ...
     async def close(self) -> None: ...
@@ -256,7 +259,9 @@ class SqlStore(IndexedAnswers):
         return stream_id
 
     async def commit_delete(self, stream_id: int) -> None:
-        async with self.db.transaction() as tx:
+        # Not durable: the intent is. A commit lost with the power leaves it pending,
+        # and it is settled from the homeserver's `{}` like any interrupted delete.
+        async with self.db.transaction(durable=False) as tx:
             row = await self._tombstone(tx, stream_id)
             if row is None or row.state != "pending":
                 # Settled already (by a concurrent request, say): a second commit would
@@ -272,7 +277,7 @@ class SqlStore(IndexedAnswers):
         self.index.forget_intent(row.user_id, stream_id)
 
     async def abort_delete(self, stream_id: int) -> None:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(durable=False) as tx:
             row = await self._tombstone(tx, stream_id)
             if row is None or row.state != "pending":
                 return  # a committed delete is never undone by a late abort
@@ -284,7 +289,7 @@ class SqlStore(IndexedAnswers):
         self, user_id: str, room_id: str | None, account_data_type: str, device_id: str
     ) -> int:
         key = (user_id, room_id, account_data_type)
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(durable=False) as tx:
             found = await tx.fetchone(
                 f"SELECT stream_id FROM account_data_tombstones WHERE {_SAME_TYPE} AND state = 'done'", key
             )
@@ -343,7 +348,7 @@ class SqlStore(IndexedAnswers):
         rows = [(user_id, device_id, next_batch, s, user_id, device_id) for s in sorted(set(stream_ids))]
         if not rows:
             return
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(durable=False) as tx:
             await tx.executemany(
                 "INSERT INTO sync_deliveries (user_id, device_id, next_batch, stream_id)"
                 " SELECT ?, ?, ?, stream_id FROM account_data_unsynced_deletes"
@@ -386,7 +391,7 @@ class SqlStore(IndexedAnswers):
         )
 
     async def _acknowledge(self, user_id: str, where: str, args: Sequence[object]) -> int:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(durable=False) as tx:
             gone = await tx.fetchall(
                 f"DELETE FROM account_data_unsynced_deletes WHERE {where} RETURNING stream_id, device_id",
                 args,
@@ -405,7 +410,7 @@ class SqlStore(IndexedAnswers):
         statements = _forget_devices(user_id, sorted(set(device_ids)))
         if not statements:
             return
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(durable=False) as tx:
             await _run(tx, statements)
             await self._refresh(tx, user_id)
 
@@ -413,7 +418,7 @@ class SqlStore(IndexedAnswers):
         await self.remove_devices(user_id, self.index.devices_of(user_id) - set(device_ids))
 
     async def remove_all_devices(self, user_id: str) -> None:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(durable=False) as tx:
             await tx.execute("DELETE FROM sync_deliveries WHERE user_id = ?", (user_id,))
             await tx.execute("DELETE FROM account_data_unsynced_deletes WHERE user_id = ?", (user_id,))
             await _run(tx, [_drop_seen_tombstones(user_id)])

@@ -183,8 +183,12 @@ class PostgresDatabase:
     # --- use ------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[PostgresTransaction]:
+    async def transaction(self, *, durable: bool = True) -> AsyncIterator[PostgresTransaction]:
+        """`durable`: as for SQLite (`sqlite.SqliteDatabase.transaction`); otherwise
+        COMMIT does not wait for the WAL flush, which keeps the order of commits."""
         async with self._connection() as conn, conn.transaction():
+            if not durable:
+                await conn.execute("SET LOCAL synchronous_commit = off")
             yield PostgresTransaction(conn, self.instance)
 
     @contextlib.asynccontextmanager

@@ -56,14 +56,14 @@ class Transaction:
     async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
         await self._db.executemany(sql, rows)
 
+    # One trip to the connection's thread per statement (a cursor's execute, fetch and
+    # close would be three): the trips, not the statements, are most of a write's time.
     async def fetchall(self, sql: str, args: Sequence[object] = ()) -> list[Row]:
-        async with self._db.execute(sql, args) as cursor:
-            return [tuple(row) for row in await cursor.fetchall()]
+        return [tuple(row) for row in await self._db.execute_fetchall(sql, args)]
 
     async def fetchone(self, sql: str, args: Sequence[object] = ()) -> Row | None:
-        async with self._db.execute(sql, args) as cursor:
-            row = await cursor.fetchone()
-        return tuple(row) if row is not None else None
+        rows = await self._db.execute_fetchall(sql, args)
+        return tuple(rows[0]) if rows else None
 
     async def announce(self, user_id: str) -> None:
         """Nobody else uses the file: there is no other instance to tell."""
@@ -78,6 +78,7 @@ class SqliteDatabase:
         self._process_lock: int | None = None  # held for the process's life
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._reopen = False
+        self._synchronous = "FULL"
         self.faults = FaultLog(str(path))
         # One process per file: writes of one type are serialised in it.
         self.shared = False
@@ -127,8 +128,9 @@ class SqliteDatabase:
         stat = os.stat(self.path)
         self._identity = (stat.st_dev, stat.st_ino)
         await self._db.execute("PRAGMA journal_mode = WAL")
-        # FULL: a delete acknowledged with 200 survives a power cut, not just a crash.
+        # FULL for the durable transactions (see `transaction`), NORMAL for the others.
         await self._db.execute("PRAGMA synchronous = FULL")
+        self._synchronous = "FULL"
         # A lock held elsewhere (a backup, the inspect command) is waited for this
         # long; then the operation fails with StoreUnavailable.
         await self._db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
@@ -166,10 +168,20 @@ class SqliteDatabase:
     # --- use ------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
-        """A write transaction (BEGIN IMMEDIATE ... COMMIT), the connection to itself."""
-        async with self._locked(), self._begin() as tx:
-            yield tx
+    async def transaction(self, *, durable: bool = True) -> AsyncIterator[Transaction]:
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT), the connection to itself.
+
+        `durable`: on disk when it returns, power cut or not (synchronous=FULL: the WAL
+        is synced at COMMIT). Otherwise it survives a crash of the process but may be
+        lost with the machine's power (NORMAL), unless a durable transaction follows:
+        the WAL is synced in order, so a later durable commit makes it durable too."""
+        async with self._locked():
+            wanted = "FULL" if durable else "NORMAL"
+            if self._synchronous != wanted:
+                await self.connection.execute(f"PRAGMA synchronous = {wanted}")
+                self._synchronous = wanted
+            async with self._begin() as tx:
+                yield tx
 
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[Transaction]:
