@@ -1,4 +1,6 @@
-"""Command line: `msc3391-proxy --config PATH` (same as `python -m proxy --config PATH`)."""
+"""Command line: `msc3391-proxy --config PATH` (same as `python -m proxy --config PATH`),
+`msc3391-proxy inspect --config PATH`, `msc3391-proxy migrate-store --config PATH --to URL`,
+`msc3391-proxy nginx-config --config PATH`."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import signal
 import sys
 from pathlib import Path
 
+from . import nginx_config
 from .config import Config, ConfigError, PostgresURL, load_config, postgres_url
 from .inspection import pending_report, render_json, render_text
 from .logs import reopen, setup_logging
+from .routes import ROUTES
 from .server import ProxyServer
 from .store import StoreConfigError, StoreError, open_store
 from .store.migration import copy_to_postgres
@@ -48,6 +52,49 @@ def migrate_store(config: Config, target: PostgresURL | None) -> int:
     return 0
 
 
+def add_nginx_config_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = nginx_config.NginxOptions()
+    nginx = parser.add_argument_group("nginx-config")
+    nginx.add_argument(
+        "--listen", default=defaults.listen, metavar="[ADDR:]PORT", help="the server block's listen"
+    )
+    nginx.add_argument("--server-name", default=defaults.server_name, metavar="NAME", help="its server_name")
+    nginx.add_argument(
+        "--section",
+        choices=nginx_config.SECTIONS,
+        default=defaults.section,
+        help="all: a complete file for the http context; upstreams (http context) and locations "
+        "(inside your own server block): its halves",
+    )
+    nginx.add_argument(
+        "--proxy",
+        action="append",
+        default=[],
+        metavar="ADDR:PORT",
+        help="a proxy instance (repeat for several, round-robin); default: listen.host:listen.port",
+    )
+    nginx.add_argument(
+        "--max-body-size", default=defaults.max_body_size, metavar="SIZE", help="client_max_body_size"
+    )
+
+
+def print_nginx_config(config: Config, args: argparse.Namespace) -> int:
+    try:
+        options = nginx_config.NginxOptions(
+            listen=nginx_config.parse_listen(args.listen),
+            server_name=nginx_config.parse_server_name(args.server_name),
+            section=args.section,
+            proxies=tuple(nginx_config.parse_address(text) for text in args.proxy),
+            max_body_size=nginx_config.parse_size(args.max_body_size),
+        )
+        text = nginx_config.render(config, ROUTES, options)
+    except nginx_config.NginxConfigError as e:
+        print(f"msc3391-proxy: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    return 0
+
+
 async def serve(config: Config, log_handler: logging.Handler) -> None:
     async with ProxyServer(config):
         stop = asyncio.Event()
@@ -70,15 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=("serve", "inspect", "migrate-store"),
+        choices=("serve", "inspect", "migrate-store", "nginx-config"),
         default="serve",
         help="serve (the default) runs the proxy; inspect prints the pending deletions in the store;"
-        " migrate-store copies the SQLite store into PostgreSQL (--to)",
+        " migrate-store copies the SQLite store into PostgreSQL (--to); nginx-config prints nginx's"
+        " configuration for this proxy and its homeserver",
     )
     parser.add_argument("--config", required=True, metavar="PATH", help="the TOML configuration file")
     parser.add_argument("--json", action="store_true", help="inspect: print JSON for scripts")
     parser.add_argument("--to", metavar="URL", help="migrate-store: postgresql://USER@HOST:PORT/DBNAME")
     parser.add_argument("--password-file", default="", metavar="PATH", help="migrate-store: the password")
+    add_nginx_config_arguments(parser)
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -90,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "migrate-store":
         return migrate_store(config, target)
+    if args.command == "nginx-config":
+        return print_nginx_config(config, args)
     if args.command == "inspect":
         try:
             print(asyncio.run(inspect(config, args.json)))

@@ -23,9 +23,10 @@ class Nginx:
     `http_config` is the text inside `http { }`: server blocks and any http-level
     directives; `main_config` is added at the top level. `ports` are the ports its
     servers listen on, each waited for at `start()`. With `log_access`, requests are
-    logged to `access_log`. Run as root, nginx's workers become `nobody`;
-    `own_user=True` keeps them as the caller (to write temporary files in a directory
-    only the caller may write).
+    logged to `access_log`, in nginx's `combined` format with `log_format` after it (for
+    instance `upstream=$upstream_addr`: which upstream served each request). Run as
+    root, nginx's workers become `nobody`; `own_user=True` keeps them as the caller (to
+    write temporary files in a directory only the caller may write).
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class Nginx:
         main_config: str = "",
         error_log_level: str = "warn",
         log_access: bool = False,
+        log_format: str = "",
         own_user: bool = False,
     ) -> None:
         self.directory = Path(directory)
@@ -51,6 +53,7 @@ class Nginx:
         self.main_config = main_config
         self.error_log_level = error_log_level
         self.log_access = log_access
+        self.log_format = log_format
         self.own_user = own_user
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -83,7 +86,12 @@ class Nginx:
         user = ""
         if self.own_user and os.geteuid() == 0:
             user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n"
-        access_log = self.access_log if self.log_access else "off"
+        access_log = f"{self.access_log} rig" if self.log_access else "off"
+        # nginx's built-in `combined`, then what the caller wants to see.
+        combined = '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent '
+        combined += '"$http_referer" "$http_user_agent"'
+        fields = f"{combined} {self.log_format}".rstrip()
+        log_format = f"    log_format rig '{fields}';\n"
         temps = "".join(f"    {kind}_temp_path {self.directory / 'tmp' / kind};\n" for kind in TEMP_DIRS)
         return (
             f"{user}"
@@ -94,6 +102,7 @@ class Nginx:
             f"{self.main_config}"
             f"events {{ worker_connections {self.worker_connections}; }}\n"
             "http {\n"
+            f"{log_format}"
             f"    access_log {access_log};\n"
             f"{temps}"
             f"{self.http_config}\n"

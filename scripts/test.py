@@ -3,10 +3,10 @@
 Works on a fresh machine with python3 (3.11+): sets up `.venv`, installs Synapse into
 its own cached venv (so the first integration test does not spend its time
 installing), installs what the nginx, client library, browser and PostgreSQL tests
-need (as root with apt-get: the Debian packages nginx, chromium, postgresql when there
-is no `initdb`, and nodejs and npm when there is no `node`; then `npm ci` in tests/js,
-tests/js43 (matrix-js-sdk 43.0.0 and the Node.js 22 it runs on, both npm packages) and
-tests/browser, each when its lockfile changed),
+need (as root with apt-get: the Debian packages nginx, openssl, chromium, postgresql
+when there is no `initdb`, and nodejs and npm when there is no `node`; then `npm ci` in
+tests/js, tests/js43 (matrix-js-sdk 43.0.0 and the Node.js 22 it runs on, both npm
+packages) and tests/browser, each when its lockfile changed),
 runs `ruff check` (proxy, tests, scripts, bench, rig), then pytest with the given
 arguments. The exit status is pytest's (5, "no tests collected", counts as a
 failure), or 1 if only ruff failed.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +27,28 @@ class RawResponse:
 
 
 async def raw_request(
-    base: str, method: str, target: str, headers: Iterable[tuple[str, str]] = (), body: bytes = b""
+    base: str,
+    method: str,
+    target: str,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+    *,
+    local_host: str | None = None,
+    tls_server_name: str | None = None,
 ) -> RawResponse:
-    """Send one request byte for byte (target, header order and duplicates as given)."""
+    """Send one request byte for byte (target, header order and duplicates as given),
+    from `local_host` if given (another loopback address, say); with `tls_server_name`,
+    over TLS with that name (SNI), the server's certificate not checked (a test's own)."""
     parts = urlsplit(base)
-    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    local_addr = (local_host, 0) if local_host is not None else None
+    tls = None
+    if tls_server_name is not None:
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+    reader, writer = await asyncio.open_connection(
+        parts.hostname, parts.port, local_addr=local_addr, ssl=tls, server_hostname=tls_server_name
+    )
     try:
         head = [f"{method} {target} HTTP/1.1"]
         given = list(headers)

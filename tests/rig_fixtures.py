@@ -171,12 +171,13 @@ def unique_name() -> Callable[[str], str]:
 
 @pytest.fixture(scope="session")
 def require() -> Callable[[str], str]:
-    """`require("nginx")` / `require("matrix-js-sdk")` / `require("matrix-js-sdk-43")` /
-    `require("chromium")` / `require("browser-js")` / `require("postgresql")`: the
-    program's path (nginx; node with tests/js/node_modules ready; tests/js43's own
-    Node.js 22 with its node_modules ready; Chromium; node with tests/browser/node_modules
-    ready; the directory of PostgreSQL's initdb and postgres). If it is missing: the
-    test fails when the environment variable CI is set, and is skipped otherwise."""
+    """`require("nginx")` / `require("openssl")` / `require("matrix-js-sdk")` /
+    `require("matrix-js-sdk-43")` / `require("chromium")` / `require("browser-js")` /
+    `require("postgresql")`: the program's path (nginx; openssl; node with
+    tests/js/node_modules ready; tests/js43's own Node.js 22 with its node_modules ready;
+    Chromium; node with tests/browser/node_modules ready; the directory of PostgreSQL's
+    initdb and postgres). If it is missing: the test fails when the environment variable
+    CI is set, and is skipped otherwise."""
     found: dict[str, tuple[str | None, str]] = {}
 
     def check(what: str) -> str:

@@ -103,17 +103,17 @@ def test_owned_shapes_match(method: str, path: str, name: RouteName, params: dic
         assert found.params["account_data_type"] == "m.test"
 
 
+TYPE_SHAPES = [
+    ("", ""),  # empty type: `[^/]*`
+    ("m.foo%2Fbar", "m.foo/bar"),  # %2F inside a type is part of the type
+    ("m%2Etest", "m.test"),
+    ("%F0%9F%90%88", "\U0001f408"),
+    ("a%20b%25c", "a b%c"),
+]
+
+
 @pytest.mark.parametrize("prefix", PREFIXES)
-@pytest.mark.parametrize(
-    ("tail", "expected_type"),
-    [
-        ("", ""),  # empty type: `[^/]*`
-        ("m.foo%2Fbar", "m.foo/bar"),  # %2F inside a type is part of the type
-        ("m%2Etest", "m.test"),
-        ("%F0%9F%90%88", "\U0001f408"),
-        ("a%20b%25c", "a b%c"),
-    ],
-)
+@pytest.mark.parametrize(("tail", "expected_type"), TYPE_SHAPES)
 def test_account_data_type_shapes(prefix: str, tail: str, expected_type: str) -> None:
     for path, name in (
         (c(prefix, f"/user/{ALICE}/account_data/{tail}"), R.GLOBAL_ACCOUNT_DATA),
@@ -128,16 +128,16 @@ def test_account_data_type_shapes(prefix: str, tail: str, expected_type: str) ->
         assert found.params["account_data_type"] == expected_type
 
 
-@pytest.mark.parametrize(
-    ("raw", "decoded"),
-    [
-        (ALICE, "@alice:localhost"),
-        ("@alice:localhost", "@alice:localhost"),
-        ("%40ALICE%3aexample.org%3A8448", "@ALICE:example.org:8448"),
-        ("%40a%2Fb%3Alocalhost", "@a/b:localhost"),
-        ("", ""),  # `/user//account_data/T`: Synapse dispatches it too (and answers 403)
-    ],
-)
+USER_ID_SHAPES = [
+    (ALICE, "@alice:localhost"),
+    ("@alice:localhost", "@alice:localhost"),
+    ("%40ALICE%3aexample.org%3A8448", "@ALICE:example.org:8448"),
+    ("%40a%2Fb%3Alocalhost", "@a/b:localhost"),
+    ("", ""),  # `/user//account_data/T`: Synapse dispatches it too (and answers 403)
+]
+
+
+@pytest.mark.parametrize(("raw", "decoded"), USER_ID_SHAPES)
 def test_user_ids_are_decoded(raw: str, decoded: str) -> None:
     for path in (
         c("v3", f"/user/{raw}/account_data/m.test"),
@@ -149,16 +149,16 @@ def test_user_ids_are_decoded(raw: str, decoded: str) -> None:
         assert found.params["user_id"] == decoded
 
 
-@pytest.mark.parametrize(
-    ("raw", "decoded"),
-    [
-        (ROOM, "!room:localhost"),
-        ("!room:localhost", "!room:localhost"),
-        ("%21room%3aexample.org", "!room:example.org"),
-        ("%21abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQ", "!abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQ"),
-        ("not-a-room", "not-a-room"),  # still routed: the handler answers 400 like Synapse
-    ],
-)
+ROOM_ID_SHAPES = [
+    (ROOM, "!room:localhost"),
+    ("!room:localhost", "!room:localhost"),
+    ("%21room%3aexample.org", "!room:example.org"),
+    ("%21abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQ", "!abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQ"),
+    ("not-a-room", "not-a-room"),  # still routed: the handler answers 400 like Synapse
+]
+
+
+@pytest.mark.parametrize(("raw", "decoded"), ROOM_ID_SHAPES)
 def test_room_ids_are_decoded(raw: str, decoded: str) -> None:
     for method, path in (
         ("GET", c("r0", f"/user/{ALICE}/rooms/{raw}/account_data/m.test")),
@@ -170,16 +170,16 @@ def test_room_ids_are_decoded(raw: str, decoded: str) -> None:
         assert found.params["room_id"] == decoded
 
 
-@pytest.mark.parametrize(
-    "spelling",
-    [
-        "org.matrix.msc3391",
-        "orgXmatrixYmsc3391",
-        "org_matrix-msc3391",
-        "org%matrix%msc3391",
-        "org/matrix/msc3391",
-    ],
-)
+SPELLINGS = [
+    "org.matrix.msc3391",
+    "orgXmatrixYmsc3391",
+    "org_matrix-msc3391",
+    "org%matrix%msc3391",
+    "org/matrix/msc3391",
+]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
 def test_unstable_prefix_allows_any_character_for_its_dots(spelling: str) -> None:
     # Synapse's pattern has the dots unescaped; every spelling it serves is owned.
     found = match("DELETE", unstable_delete(f"/user/{ALICE}/account_data/m.test", spelling))
@@ -249,72 +249,72 @@ def test_query_string_never_becomes_a_parameter() -> None:
 # --- what must not match -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        # $-anchored endpoints
-        c("v3", "/sync/"),
-        c("v3", "/sync/extra"),
-        c("v3", "/syncx"),
-        "/_matrix/client/versions/",
-        "/_matrix/client/versionsx",
-        c("v3", "/initialSync/"),
-        c("v3", f"/rooms/{ROOM}/initialSync/"),
-        c("v3", "/logout/"),
-        c("v3", "/logout/all/"),
-        c("v3", "/logout/everything"),
-        c("v3", "/account/deactivate/"),
-        c("v3", "/devices/ABC/"),
-        c("v3", "/devices/ABC/extra"),
-        c("v3", "/devices"),
-        # prefixes Synapse does not serve these under
-        c("v1", f"/user/{ALICE}/account_data/m.test"),
-        c("v2", f"/user/{ALICE}/account_data/m.test"),
-        c("api/v1", f"/user/{ALICE}/account_data/m.test"),
-        c("api/v1", f"/user/{ALICE}/rooms/{ROOM}/account_data/m.test"),
-        c("r1", f"/user/{ALICE}/account_data/m.test"),
-        c("V3", f"/user/{ALICE}/account_data/m.test"),
-        c("v1", "/sync"),
-        c("api/v1", "/sync"),
-        c("v2_alpha", "/sync"),
-        c("api/v1", "/delete_devices"),
-        c("api/v1", "/devices/ABC"),
-        c("api/v1", "/account/deactivate"),
-        c("v1", "/logout"),
-        "/_matrix/client/v3/versions",
-        "/_matrix/client/unstable/versions",
-        # the MSC3391 DELETE exists under unstable only
-        c("v3", f"/org.matrix.msc3391/user/{ALICE}/account_data/m.test"),
-        c("r0", f"/org.matrix.msc3391/user/{ALICE}/rooms/{ROOM}/account_data/m.test"),
-        c("unstable", f"/org.matrix.msc3391x/user/{ALICE}/account_data/m.test"),
-        c("unstable", f"/org.matrix.msc339/user/{ALICE}/account_data/m.test"),
-        # double slashes where Synapse's patterns have one
-        f"//_matrix/client/v3/user/{ALICE}/account_data/m.test",
-        f"/_matrix//client/v3/user/{ALICE}/account_data/m.test",
-        f"/_matrix/client//v3/user/{ALICE}/account_data/m.test",
-        f"/_matrix/client/v3//user/{ALICE}/account_data/m.test",
-        f"/_matrix/client/v3/user/{ALICE}//account_data/m.test",
-        f"/_matrix/client/v3/user/{ALICE}/rooms/{ROOM}//account_data/m.test",
-        "/_matrix/client/v3//sync",
-        "/_matrix/client//versions",
-        "//_matrix/client/versions",
-        # encoded slashes are not separators in the raw path
-        f"/_matrix/client/v3%2Fuser/{ALICE}/account_data/m.test",
-        f"/_matrix/client/v3/user/{ALICE}%2Faccount_data/m.test",
-        "/_matrix/client/v3%2Fsync",
-        # other shapes
-        c("v3", f"/user/{ALICE}/account_data"),
-        c("v3", f"/user/{ALICE}/rooms/{ROOM}/account_data"),
-        c("v3", f"/user/{ALICE}/filter/1"),
-        c("v3", f"/user/{ALICE}/rooms/{ROOM}/tags/m.favourite"),
-        c("v3", "/account/whoami"),
-        c("v3", "/joined_rooms"),
-        f"/prefix/_matrix/client/v3/user/{ALICE}/account_data/m.test",
-        "/_matrix/media/v3/upload",
-        "/",
-        "",
-    ],
-)
+NOT_OWNED = [
+    # $-anchored endpoints
+    c("v3", "/sync/"),
+    c("v3", "/sync/extra"),
+    c("v3", "/syncx"),
+    "/_matrix/client/versions/",
+    "/_matrix/client/versionsx",
+    c("v3", "/initialSync/"),
+    c("v3", f"/rooms/{ROOM}/initialSync/"),
+    c("v3", "/logout/"),
+    c("v3", "/logout/all/"),
+    c("v3", "/logout/everything"),
+    c("v3", "/account/deactivate/"),
+    c("v3", "/devices/ABC/"),
+    c("v3", "/devices/ABC/extra"),
+    c("v3", "/devices"),
+    # prefixes Synapse does not serve these under
+    c("v1", f"/user/{ALICE}/account_data/m.test"),
+    c("v2", f"/user/{ALICE}/account_data/m.test"),
+    c("api/v1", f"/user/{ALICE}/account_data/m.test"),
+    c("api/v1", f"/user/{ALICE}/rooms/{ROOM}/account_data/m.test"),
+    c("r1", f"/user/{ALICE}/account_data/m.test"),
+    c("V3", f"/user/{ALICE}/account_data/m.test"),
+    c("v1", "/sync"),
+    c("api/v1", "/sync"),
+    c("v2_alpha", "/sync"),
+    c("api/v1", "/delete_devices"),
+    c("api/v1", "/devices/ABC"),
+    c("api/v1", "/account/deactivate"),
+    c("v1", "/logout"),
+    "/_matrix/client/v3/versions",
+    "/_matrix/client/unstable/versions",
+    # the MSC3391 DELETE exists under unstable only
+    c("v3", f"/org.matrix.msc3391/user/{ALICE}/account_data/m.test"),
+    c("r0", f"/org.matrix.msc3391/user/{ALICE}/rooms/{ROOM}/account_data/m.test"),
+    c("unstable", f"/org.matrix.msc3391x/user/{ALICE}/account_data/m.test"),
+    c("unstable", f"/org.matrix.msc339/user/{ALICE}/account_data/m.test"),
+    # double slashes where Synapse's patterns have one
+    f"//_matrix/client/v3/user/{ALICE}/account_data/m.test",
+    f"/_matrix//client/v3/user/{ALICE}/account_data/m.test",
+    f"/_matrix/client//v3/user/{ALICE}/account_data/m.test",
+    f"/_matrix/client/v3//user/{ALICE}/account_data/m.test",
+    f"/_matrix/client/v3/user/{ALICE}//account_data/m.test",
+    f"/_matrix/client/v3/user/{ALICE}/rooms/{ROOM}//account_data/m.test",
+    "/_matrix/client/v3//sync",
+    "/_matrix/client//versions",
+    "//_matrix/client/versions",
+    # encoded slashes are not separators in the raw path
+    f"/_matrix/client/v3%2Fuser/{ALICE}/account_data/m.test",
+    f"/_matrix/client/v3/user/{ALICE}%2Faccount_data/m.test",
+    "/_matrix/client/v3%2Fsync",
+    # other shapes
+    c("v3", f"/user/{ALICE}/account_data"),
+    c("v3", f"/user/{ALICE}/rooms/{ROOM}/account_data"),
+    c("v3", f"/user/{ALICE}/filter/1"),
+    c("v3", f"/user/{ALICE}/rooms/{ROOM}/tags/m.favourite"),
+    c("v3", "/account/whoami"),
+    c("v3", "/joined_rooms"),
+    f"/prefix/_matrix/client/v3/user/{ALICE}/account_data/m.test",
+    "/_matrix/media/v3/upload",
+    "/",
+    "",
+]
+
+
+@pytest.mark.parametrize("path", NOT_OWNED)
 def test_shapes_synapse_would_not_dispatch_there_do_not_match(path: str) -> None:
     for method in ("GET", "PUT", "POST", "DELETE"):
         assert match(method, path) is None, (method, path)
