@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.rewrite import NUDGE_TYPE
 from rig import REPO_ROOT
 from rig.accounts import Account
 from rig.nginx import Nginx
@@ -245,6 +246,35 @@ async def test_a_revive_through_one_instance_is_seen_through_the_other(
     assert (reply.status, reply.body) == (200, {"v": 2})
     state = await d.snapshot()
     assert state.tombstones_of(first.user_id) == set() and state.rows_of(first.user_id) == set()
+
+
+async def test_an_echo_and_its_nudge_sent_by_one_instance_are_delivered_and_stripped_by_the_other(
+    deployment: Deployment, http: aiohttp.ClientSession, accounts: Accounts
+) -> None:
+    """A delete of a type never set is echoed to the deleting device alone, with a
+    to-device nudge of the proxy's own to wake its sync: whichever instance answers
+    that sync, the client sees the `{}` and never the nudge. (That every instance knows
+    of a nudge even once the device has nothing left to learn: test_store_shared.py.)"""
+    d = deployment
+    [only] = await accounts(1)
+    device = Device(http, d.b.url, only)
+    await device.sync(initial=True)
+
+    device.base_url = d.a.url
+    assert (await device.delete(KIND)).status == 200  # never set: echoed, and nudged, by A
+
+    def nudges(body: dict[str, Any]) -> list[dict[str, Any]]:
+        return [e for e in body.get("to_device", {}).get("events", []) if e.get("type") == NUDGE_TYPE]
+
+    since = device.next_batch
+    device.base_url = d.b.url
+    body = await device.sync()  # through B
+    assert entries_of(body, KIND, None) == deleted(KIND)
+    assert nudges(body) == []
+    # Synapse's own answer to that request carries it (to-device messages stay until a
+    # later token is sent): B took it out.
+    native = Device(http, d.synapse.url, only)
+    assert len(nudges(await native.sync(since=since, advance=False))) == 1
 
 
 async def test_the_scenarios_give_synapses_answers_whichever_instance_each_request_reaches(
