@@ -60,7 +60,7 @@ async def matrix_errors(
     ctx.upstream.homeserver_headers.apply(response)
     route = request.get(ROUTE)
     if route is not None:
-        ctx.metrics.requests.labels(route.name, str(response.status)).inc()
+        ctx.metrics.count_request(route.name, response.status)
     return response
 
 

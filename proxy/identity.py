@@ -46,7 +46,10 @@ class Credentials:
         )
 
     def cache_key(self) -> bytes:
-        return hashlib.sha256(json.dumps([self.authorization, self.params]).encode()).digest()
+        # Length-prefixed parts: no two different credentials give the same text.
+        parts = [*self.authorization, *(p for pair in self.params for p in pair)]
+        text = "".join(f"{len(part)}:{part}" for part in parts) + f"#{len(self.authorization)}"
+        return hashlib.sha256(text.encode()).digest()
 
     def __repr__(self) -> str:  # a Credentials in a traceback must not print the token
         return "Credentials(<redacted>)"
@@ -62,7 +65,8 @@ class Requester:
 class Identity:
     def __init__(self, upstream: Upstream, metrics: Metrics, *, ttl: float, max_size: int) -> None:
         self._upstream = upstream
-        self._lookups = metrics.identity_cache
+        self._hit = metrics.identity_cache.labels("hit")
+        self._miss = metrics.identity_cache.labels("miss")
         self._ttl = ttl
         self._max_size = max_size
         self._cache: OrderedDict[bytes, tuple[float, str, str | None]] = OrderedDict()
@@ -88,11 +92,11 @@ class Identity:
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
             self._cache.move_to_end(key)
-            self._lookups.labels("hit").inc()
+            self._hit.inc()
             return Requester(cached[1], cached[2], credentials)
 
         self.misses += 1
-        self._lookups.labels("miss").inc()
+        self._miss.inc()
         future = self._in_flight.get(key)
         if future is None:
             future = asyncio.ensure_future(self._whoami(request, credentials))

@@ -7,7 +7,7 @@ Labels never carry user data: owned routes are labelled by name, everything else
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -33,6 +33,7 @@ _COUNTS_TIMEOUT = 2.0
 class Metrics:
     def __init__(self) -> None:
         self._store: StoreCounts | None = None
+        self._request_counts: dict[tuple[str, int], Any] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -69,6 +70,14 @@ class Metrics:
         self.devices_pending = Gauge(
             "msc3391_proxy_devices_pending", "Devices with at least one delete to learn", registry=r
         )
+
+    def count_request(self, route: str, status: int) -> None:
+        # A labelled child looked up once per (route, status): `labels()` costs more
+        # than the increment it leads to.
+        child = self._request_counts.get((route, status))
+        if child is None:
+            child = self._request_counts[(route, status)] = self.requests.labels(route, str(status))
+        child.inc()
 
     def watch_store(self, store: StoreCounts) -> None:
         """Report the store's rows and tombstones, read through its own connection at
