@@ -30,8 +30,9 @@ MakeDevices = Callable[[int], Awaitable[list[Device]]]
 
 @pytest.fixture
 async def proxy(
-    start_proxy: Callable[..., Awaitable[ProxyServer]], synapse: SynapseServer, store_backend: dict[str, Any]
+    store_backend: dict[str, Any], start_proxy: Callable[..., Awaitable[ProxyServer]], synapse: SynapseServer
 ) -> ProxyServer:
+    # The store first: torn down last, after the proxy that uses it has stopped.
     return await start_proxy(synapse.url, **store_backend)
 
 

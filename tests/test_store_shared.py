@@ -18,8 +18,11 @@ import pytest
 
 from proxy.config import parse_config
 from proxy.errors import StoreUnavailable
-from proxy.store import DeletionStore, open_store, operations, postgres
+from proxy.store import DeletionStore, open_store, operations
+from proxy.store import postgres as postgres_backend
+from rig.postgres import PostgresServer
 from tests.matrix import ALICE
+from tests.rig_fixtures import POSTGRES_TEST_USER
 
 pytestmark = pytest.mark.postgres
 
@@ -166,7 +169,7 @@ async def test_a_store_that_cannot_hear_the_others_asks_the_database(
     # Known when the server closes the connection, not at the next check of it.
     assert await eventually(
         lambda: b.has_pending("@nobody:localhost", "X") and a.has_pending("@x:y", "Z"),
-        within=postgres.LISTENER_CHECK / 2,
+        within=postgres_backend.LISTENER_CHECK / 2,
     )
 
     sid = await a.begin_delete(ALICE, None, "t", "D1", ["D1", "D2"])
@@ -219,3 +222,19 @@ async def test_a_database_that_turns_connections_away_fails_operations_and_is_us
     finally:
         await admin.close()
         await store.close()
+
+
+async def test_a_store_whose_database_was_dropped_still_closes_promptly(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Its listener retries for ever while the database is gone; closing must end that
+    (a cancellation alone can be swallowed by a connect failing at the same moment)."""
+    url = postgres.create_database("vanishing", owner=POSTGRES_TEST_USER)
+    config = parse_config({"upstream": {"url": "http://hs"}, "store": {"url": url}}, tmp_path).store
+    store = open_store(config)
+    await store.open()
+    await asyncio.to_thread(postgres.drop_database, "vanishing")
+    await asyncio.sleep(postgres_backend.LISTENER_RETRY * 2)  # let it fail to reconnect a few times
+    started = time.monotonic()
+    await store.close()
+    assert time.monotonic() - started < postgres_backend.LISTENER_CHECK + postgres_backend.LISTENER_RETRY

@@ -90,14 +90,29 @@ def _remove_tombstones(where: str, args: Sequence[object]) -> list[Statement]:
     ]
 
 
+# Well under the bound parameters a statement may have (SQLite 32,766; PostgreSQL 32,767).
+_IDS_PER_STATEMENT = 500
+_UNSEEN = (
+    " AND NOT EXISTS (SELECT 1 FROM account_data_unsynced_deletes u"
+    " WHERE u.stream_id = account_data_tombstones.stream_id)"
+)
+
+
 def _drop_seen_tombstones(user_id: str) -> Statement:
     """A settled delete that every device has seen needs no tombstone."""
-    return (
-        "DELETE FROM account_data_tombstones WHERE user_id = ? AND state = 'done'"
-        " AND NOT EXISTS (SELECT 1 FROM account_data_unsynced_deletes u"
-        " WHERE u.stream_id = account_data_tombstones.stream_id)",
-        (user_id,),
-    )
+    return (f"DELETE FROM account_data_tombstones WHERE user_id = ? AND state = 'done'{_UNSEEN}", (user_id,))
+
+
+def _drop_if_seen(stream_ids: Sequence[int]) -> list[Statement]:
+    """The same for these deletes only: the ones whose rows a write just removed (the
+    user's other tombstones cannot have become unseen, and a user who never syncs may
+    have thousands)."""
+    statements: list[Statement] = []
+    for start in range(0, len(stream_ids), _IDS_PER_STATEMENT):
+        chunk = tuple(stream_ids[start : start + _IDS_PER_STATEMENT])
+        where = f"stream_id IN ({', '.join('?' * len(chunk))}) AND state = 'done'{_UNSEEN}"
+        statements.append((f"DELETE FROM account_data_tombstones WHERE {where}", chunk))
+    return statements
 
 
 def _forget_devices(user_id: str, device_ids: Iterable[str]) -> list[Statement]:
@@ -272,7 +287,7 @@ class SqlStore(IndexedAnswers):
             await tx.execute(
                 "UPDATE account_data_tombstones SET state = 'done' WHERE stream_id = ?", (stream_id,)
             )
-            await _run(tx, [_drop_seen_tombstones(row.user_id)])
+            await _run(tx, _drop_if_seen([stream_id]))  # no other device to tell
             await self._refresh(tx, row.user_id)
         self.index.forget_intent(row.user_id, stream_id)
 
@@ -400,7 +415,7 @@ class SqlStore(IndexedAnswers):
                 "DELETE FROM sync_deliveries WHERE user_id = ? AND device_id = ? AND stream_id = ?",
                 [(user_id, device, stream_id) for stream_id, device in gone],
             )
-            await _run(tx, [_drop_seen_tombstones(user_id)])
+            await _run(tx, _drop_if_seen(sorted({stream_id for stream_id, _ in gone})))
             await self._refresh(tx, user_id)
         return len(gone)
 

@@ -118,6 +118,7 @@ class PostgresDatabase:
         self.on_lost: Callable[[], None] | None = None
         self.on_nudge: Callable[[str, str, float], None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._closing = False
         self._listening = asyncio.Event()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -153,9 +154,12 @@ class PostgresDatabase:
 
     async def close(self) -> None:
         if self._listener is not None:
+            # The flag as well as the cancellation: Python 3.11's wait_for (inside
+            # asyncpg.connect) can swallow a cancellation that meets a failed connect.
+            self._closing = True
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._listener), LISTENER_CHECK + LISTENER_RETRY)
             self._listener = None
         for pool in (self._locks_pool, self._pool):
             if pool is not None:
@@ -230,7 +234,7 @@ class PostgresDatabase:
 
     async def _listen(self) -> None:
         """Keep one connection listening; while it is not, every user is stale."""
-        while True:
+        while not self._closing:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(
@@ -256,7 +260,7 @@ class PostgresDatabase:
                 if not self._listening.is_set():
                     log.info("store: listening for the changes of other instances")
                 self._listening.set()
-                while True:
+                while not self._closing:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(closed.wait(), LISTENER_CHECK)
                     if closed.is_set():
