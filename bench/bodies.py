@@ -157,3 +157,106 @@ def sync_body(size: int, *, seed: int = 3391, deletions: bool = True) -> bytes:
         raw = _compact(body)
     assert len(raw) <= size and len(raw) > size * 0.99, (len(raw), size)
     return raw
+
+
+def _sliding_room(room: dict[str, Any], index: int) -> dict[str, Any]:
+    """A room of a first sliding sync response, from a /sync room of `_Maker.room`."""
+    state = room["state"]["events"]
+    name = next(e["content"]["name"] for e in state if e["type"] == "m.room.name")
+    timeline = room["timeline"]["events"]
+    return {
+        "name": name,
+        "initial": True,
+        "required_state": state,
+        "timeline": timeline,
+        "prev_batch": room["timeline"]["prev_batch"],
+        "limited": True,
+        "joined_count": room["summary"]["m.joined_member_count"],
+        "invited_count": 0,
+        "notification_count": room["unread_notifications"]["notification_count"],
+        "highlight_count": 0,
+        "num_live": 0,
+        "bump_stamp": 100_000 - index,
+    }
+
+
+def sliding_sync_body(size: int, *, seed: int = 4186) -> bytes:
+    """A simplified sliding sync (MSC4186) response of at most `size` bytes (within 1%),
+    compact as Synapse writes it: one list whose window holds every room, each room sent
+    for the first time (`initial`) with its required state and timeline, and the account
+    data extension (`global`, `rooms`) holding some `{}` entries, which a first response
+    (no `pos`) must lose."""
+    maker = _Maker(seed)
+    global_data: list[dict[str, Any]] = [
+        {"type": "m.push_rules", "content": {"global": {"override": [], "underride": [], "content": []}}},
+        {"type": "m.direct", "content": {u: [f"!dm{i}:{SERVER}"] for i, u in enumerate(maker.users[:20])}},
+    ]
+    global_data += [{"type": f"org.example.deleted.{i}", "content": {}} for i in range(5)]
+    room_ids: list[str] = []
+    rooms: dict[str, Any] = {}
+    room_data: dict[str, Any] = {}
+    body: dict[str, Any] = {
+        "pos": "4186/s72594_4483",
+        "lists": {"all_rooms": {"count": 0, "ops": [{"op": "SYNC", "range": [0, 0], "room_ids": room_ids}]}},
+        "rooms": rooms,
+        "extensions": {
+            "account_data": {"global": global_data, "rooms": room_data},
+            "to_device": {"next_batch": "1", "events": []},
+        },
+    }
+    used = len(_compact(body))
+    index = 0
+    while True:
+        room_id, room = maker.room(index, deletions=True)
+        sliding = _sliding_room(room, index)
+        entries = room["account_data"]["events"]
+        # Its shares of the rooms, the extension's rooms and the list's window.
+        cost = len(_compact({room_id: sliding})) + len(_compact({room_id: entries})) + len(room_id) + 3
+        if used + cost > size:
+            break
+        rooms[room_id], room_data[room_id] = sliding, entries
+        room_ids.append(room_id)
+        used += cost
+        index += 1
+    body["lists"]["all_rooms"]["count"] = len(room_ids)
+    body["lists"]["all_rooms"]["ops"][0]["range"] = [0, max(0, len(room_ids) - 1)]
+    raw = _compact(body)
+    while len(raw) > size:  # the estimate was short: one room fewer
+        dropped = room_ids.pop()
+        del rooms[dropped], room_data[dropped]
+        raw = _compact(body)
+    gap = size - len(raw) - len(_compact({"type": "org.example.padding", "content": {"p": ""}})) - 1
+    if gap > 0:
+        global_data.append({"type": "org.example.padding", "content": {"p": "x" * gap}})
+        raw = _compact(body)
+    assert len(raw) <= size and len(raw) > size * 0.99, (len(raw), size)
+    return raw
+
+
+def sliding_sync_request() -> bytes:
+    """A room-list sliding sync request as Element X sends it (every request carries the
+    whole configuration): one list, the account data extension enabled."""
+    request = {
+        "conn_id": "room-list",
+        "lists": {
+            "all_rooms": {
+                "ranges": [[0, 19]],
+                "required_state": [
+                    ["m.room.encryption", ""],
+                    ["m.room.member", "$LAZY"],
+                    ["m.room.member", "$ME"],
+                    ["m.room.name", ""],
+                    ["m.room.power_levels", ""],
+                ],
+                "timeline_limit": 1,
+            }
+        },
+        "extensions": {
+            "account_data": {"enabled": True},
+            "to_device": {"enabled": True},
+            "e2ee": {"enabled": True},
+            "receipts": {"enabled": True, "rooms": ["*"]},
+            "typing": {"enabled": True},
+        },
+    }
+    return _compact(request)

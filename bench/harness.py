@@ -250,6 +250,20 @@ end
 """
 
 
+def _post_script(body: bytes) -> bytes:
+    """wrk setup for a POST of `body` (JSON): the body as a Lua long string, whose
+    brackets are chosen so that nothing in the body can close it."""
+    level = 0
+    while b"]" + b"=" * level + b"]" in body:
+        level += 1
+    eq = b"=" * level
+    return (
+        b'wrk.method = "POST"\n'
+        b'wrk.headers["Content-Type"] = "application/json"\n'
+        b"wrk.body = [" + eq + b"[" + body + b"]" + eq + b"]\n"
+    )
+
+
 @dataclass
 class WrkResult:
     requests: int
@@ -286,6 +300,16 @@ class Wrk:
         self.delete_script = directory / "delete.lua"
         self.report_script.write_text(_REPORT_LUA)
         self.delete_script.write_text(_DELETE_LUA + _REPORT_LUA)
+        self._directory = directory
+        self._post_scripts: dict[bytes, Path] = {}
+
+    def post_script(self, body: bytes) -> Path:
+        """A script that POSTs `body` on every request (one file per distinct body)."""
+        if body not in self._post_scripts:
+            path = self._directory / f"post-{len(self._post_scripts)}.lua"
+            path.write_bytes(_post_script(body) + _REPORT_LUA.encode())
+            self._post_scripts[body] = path
+        return self._post_scripts[body]
 
     def run(
         self,
@@ -299,7 +323,11 @@ class Wrk:
         threads: int | None = None,
         timeout: int = 60,
         cpu: CpuMeter | None = None,
+        side_cpu: CpuMeter | None = None,
+        body: bytes | None = None,
     ) -> WrkResult:
+        """`body`: POST it (JSON) instead of a GET. `side_cpu`: other processes whose CPU
+        over the run is reported too (`extra["side_cpu_s"]`), e.g. one that should idle."""
         threads = threads or (1 if connections < 8 else 2)
         argv = [self.binary, "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s"]
         argv += ["--timeout", f"{timeout}s"]
@@ -307,14 +335,18 @@ class Wrk:
             argv += ["-H", header]
         if delete_prefix is not None:
             argv += ["-s", str(self.delete_script), url, "--", delete_prefix, str(delete_per_thread)]
+        elif body is not None:
+            argv += ["-s", str(self.post_script(body)), url]
         else:
             argv += ["-s", str(self.report_script), url]
-        if cpu is not None:
-            cpu.start()
+        for meter in (cpu, side_cpu):
+            if meter is not None:
+                meter.start()
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=seconds + timeout + 60, check=False
         )
         used = cpu.stop() if cpu is not None else None
+        side = side_cpu.stop() if side_cpu is not None else None
         for line in done.stdout.splitlines():
             if line.startswith("WRKJSON "):
                 raw = json.loads(line[len("WRKJSON ") :])
@@ -334,6 +366,7 @@ class Wrk:
             errors={k: raw[k] for k in ("connect", "read", "write", "status", "timeout") if raw[k]},
             wraps=raw["wraps"],
             cpu_seconds=used,
+            extra={} if side is None else {"side_cpu_s": side},
         )
 
 
@@ -348,6 +381,10 @@ class Target:
     label: str
     base_url: str
     cpu_pids: Callable[[], Sequence[int]] | None = None
+    # Processes whose CPU over the same runs is reported apart: one that should not be
+    # busy at all (the proxy behind the generated config, for a path it does not own),
+    # or one's share of `cpu_pids` (the second of two instances).
+    side_pids: Callable[[], Sequence[int]] | None = None
 
 
 @dataclass
@@ -363,6 +400,7 @@ class Workload:
     finish: Callable[[Target, WrkResult], None] | None = None  # called after each run
     targets: Sequence[str] | None = None  # a subset of the section's targets
     warmup: bool = True
+    body: bytes | None = None  # POST this JSON body instead of a GET
 
 
 Results = dict[str, dict[str, list[WrkResult]]]  # workload key -> target key -> one per rep
@@ -387,10 +425,20 @@ def run_interleaved(
         real = target_for(workload, target)
         extra = workload.prepare(real, rep) if workload.prepare else {}
         cpu = CpuMeter(real.cpu_pids) if real.cpu_pids else None
-        options: dict[str, Any] = {"headers": workload.headers, **extra}
+        side = CpuMeter(real.side_pids) if real.side_pids else None
+        options: dict[str, Any] = {
+            "headers": workload.headers,
+            "body": workload.body,
+            **extra,
+        }
         path = options.pop("path", workload.path)
         result = wrk.run(
-            real.base_url + path, connections=workload.connections, seconds=seconds, cpu=cpu, **options
+            real.base_url + path,
+            connections=workload.connections,
+            seconds=seconds,
+            cpu=cpu,
+            side_cpu=side,
+            **options,
         )
         if workload.finish:
             workload.finish(real, result)
@@ -411,11 +459,13 @@ def run_interleaved(
                 result = one(workload, target, workload.seconds, rep)
                 results[workload.key][target.key].append(result)
                 cpu = result.cpu_us_per_request
+                side = result.extra.get("side_cpu_s")
                 say(
                     f"  rep {rep + 1}/{reps} {workload.label:<34} {target.label:<22} "
                     f"{result.rps:9.1f} req/s  p50 {result.p50_us / 1000:8.2f} ms  "
                     f"p99 {result.p99_us / 1000:8.2f} ms"
                     + (f"  cpu {cpu:7.1f} us/req" if cpu is not None else "")
+                    + (f"  side cpu {side:.2f} s" if side is not None else "")
                     + (f"  ERRORS {result.errors}" if result.errors else "")
                     + (f"  wrapped {result.wraps}" if result.wraps else "")
                 )
@@ -425,6 +475,7 @@ def run_interleaved(
 def summarize(runs: Sequence[WrkResult]) -> dict[str, Any]:
     """Medians over repetitions (plus each repetition's figures, for the detail table)."""
     cpu = [r.cpu_us_per_request for r in runs if r.cpu_us_per_request is not None]
+    side = [(r.extra["side_cpu_s"], r.requests) for r in runs if "side_cpu_s" in r.extra]
     return {
         "rps": median(r.rps for r in runs),
         "p50_ms": median(r.p50_us for r in runs) / 1000,
@@ -436,6 +487,10 @@ def summarize(runs: Sequence[WrkResult]) -> dict[str, Any]:
         "wraps": sum(r.wraps for r in runs),
         "reps_rps": [round(r.rps, 1) for r in runs],
         "reps_p50_ms": [round(r.p50_us / 1000, 3) for r in runs],
+        # The side processes' CPU: seconds per run, and per request.
+        "side_cpu_s": median(s for s, _ in side) if side else None,
+        "side_cpu_us": median(s / n * 1e6 for s, n in side if n) if side else None,
+        "seconds": median(r.seconds for r in runs),
     }
 
 

@@ -1,10 +1,12 @@
-"""A reference, not a target of the issue: the least an aiohttp reverse proxy does.
+"""The least an aiohttp reverse proxy does: the yardstick of issue 13 for the proxy's
+owned requests (/sync and sliding sync fast paths, `/versions` CPU per request).
 
 `python bench/minimal_proxy.py PORT UPSTREAM_URL`: one shared ClientSession, the raw
-path forwarded, the body read whole and answered in one response, hop-by-hop headers
-dropped; nothing else (no routing, no identity, no metrics, no logging). Its CPU per
-request on the same machine in the same run tells how much of the proxy's pass-through
-cost is the framework's and how much the proxy's own.
+path forwarded (with the request body, read whole, when there is one), the answer read
+whole and sent in one response, hop-by-hop headers dropped; nothing else (no routing,
+no identity, no metrics, no logging). Its req/s and CPU per request on the same machine
+in the same run tell how much of the proxy's cost is the framework's and how much the
+proxy's own.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 async def forward(request: web.Request) -> web.Response:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+    # A sliding sync is a POST: its body goes on too (the proxy forwards it byte for byte).
+    data = await request.read() if request.body_exists else None
     async with request.app[SESSION].request(
-        request.method, UPSTREAM + request.raw_path, headers=headers, allow_redirects=False
+        request.method, UPSTREAM + request.raw_path, headers=headers, data=data, allow_redirects=False
     ) as upstream:
         body = await upstream.read()
         out = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP}

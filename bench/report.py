@@ -1,201 +1,16 @@
 # ruff: noqa: RUF001  (the multiplication sign and en dash are printed in the report)
-"""Turns the results of one run into docs/benchmarks.md: the targets of issue 5, met
+"""Turns the results of one run into docs/benchmarks.md: the targets (`verdicts.py`), met
 or missed, then every figure in detail."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from . import report_sections
+from .figures import fmt as _f
+from .figures import get as _get
 from .settings import MiB, Settings
-
-
-@dataclass
-class Verdict:
-    figure: str
-    target: str
-    measured: str
-    met: bool | None  # None: could not be measured in this run
-
-    @property
-    def mark(self) -> str:
-        return {True: "met", False: "**missed**", None: "not measured"}[self.met]
-
-
-def _f(value: float | None, digits: int = 1) -> str:
-    if value is None:
-        return "–"
-    return f"{value:,.{digits}f}"
-
-
-def _get(results: dict[str, Any], *keys: str) -> Any:
-    node: Any = results
-    for key in keys:
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
-def verdicts(results: dict[str, Any], settings: Settings) -> list[Verdict]:
-    out: list[Verdict] = []
-    small, large = settings.sync_sizes
-    s_label, l_label = settings.size_label(small), settings.size_label(large)
-    pt = _get(results, "passthrough", "summary")
-    if pt:
-        c64 = pt["small_c64"]
-        ratio = c64["proxy"]["rps"] / c64["nginx"]["rps"]
-        ref = c64.get("aiohttp")
-        ref_ratio = f"; minimal aiohttp proxy: {ref['rps'] / c64['nginx']['rps']:.2f}×" if ref else ""
-        out.append(
-            Verdict(
-                "Pass-through 26-byte GET, 64 conns: req/s vs nginx",
-                "≥ 0.25×",
-                f"{ratio:.2f}× ({_f(c64['proxy']['rps'], 0)} vs {_f(c64['nginx']['rps'], 0)} req/s"
-                + ref_ratio
-                + ")",
-                ratio >= 0.25,
-            )
-        )
-        cpu = c64["proxy"]["cpu_us"]
-        ref_cpu = f"; minimal aiohttp proxy: {_f(ref['cpu_us'])} µs" if ref else ""
-        out.append(
-            Verdict(
-                "Pass-through 26-byte GET, 64 conns: proxy CPU per request",
-                "≤ 100 µs",
-                f"{_f(cpu)} µs (nginx: {_f(c64['nginx']['cpu_us'])} µs{ref_cpu})",
-                cpu is not None and cpu <= 100,
-            )
-        )
-        inc = pt["sync_s_inc_c8"]
-        ratio = inc["proxy"]["rps"] / inc["nginx"]["rps"]
-        out.append(
-            Verdict(
-                f"{s_label} /sync needing no change (incremental), 8 conns: req/s vs nginx",
-                "≥ 0.9×",
-                f"{ratio:.2f}× ({_f(inc['proxy']['rps'])} vs {_f(inc['nginx']['rps'])} req/s)",
-                ratio >= 0.9,
-            )
-        )
-        for key, size, label in (("sync_s_init_c1", small, s_label), ("sync_l_init_c1", large, l_label)):
-            floor = _floor(results, size)
-            run = pt[key]
-            added = run["proxy"]["p50_ms"] - run["nginx"]["p50_ms"]
-            ratio = added / floor if floor else None
-            out.append(
-                Verdict(
-                    f"{label} /sync needing a rewrite (initial), 1 conn: time added over nginx",
-                    "≤ 1.3× the orjson loads+dumps floor",
-                    f"{ratio:.2f}× (+{added:.1f} ms over nginx's {run['nginx']['p50_ms']:.1f} ms p50;"
-                    f" floor {floor:.1f} ms)"
-                    if ratio is not None
-                    else "–",
-                    ratio is not None and ratio <= 1.3,
-                )
-            )
-    syn = _get(results, "synapse", "summary")
-    if syn:
-        for key, label in (
-            ("whoami", "whoami"),
-            ("account_data_get", "account data GET"),
-            ("sync_incremental", "incremental /sync"),
-        ):
-            ratio = syn[key]["proxy"]["rps"] / syn[key]["direct"]["rps"]
-            out.append(
-                Verdict(
-                    f"Synapse, 8 conns, {label}: req/s through the proxy vs direct",
-                    "≥ 0.9×",
-                    f"{ratio:.2f}× ({_f(syn[key]['proxy']['rps'])} vs {_f(syn[key]['direct']['rps'])} req/s)",
-                    ratio >= 0.9,
-                )
-            )
-        d = syn["delete_c8"]
-        ratio = d["proxy"]["p50_ms"] / d["direct"]["p50_ms"]
-        one = syn.get("delete_c1")
-        extra = ""
-        if one:
-            extra = f"; at 1 conn {one['proxy']['p50_ms'] / one['direct']['p50_ms']:.2f}×"
-        out.append(
-            Verdict(
-                "MSC3391 DELETE, 8 conns: p50 latency vs Synapse's own",
-                "≤ 2×",
-                f"{ratio:.2f}× ({d['proxy']['p50_ms']:.1f} vs {d['direct']['p50_ms']:.1f} ms{extra})",
-                ratio <= 2.0,
-            )
-        )
-    held = _get(results, "memory", "held")
-    if held:
-        per = held["kib_per_connection"]
-        n = held["held"]
-        note = "" if n == settings.held_connections else f" (at {n:,} held: see the fd limit note)"
-        out.append(
-            Verdict(
-                f"{settings.held_connections:,} idle long-poll /syncs held: proxy RSS per connection",
-                "≤ 20 KiB",
-                f"{_f(per)} KiB{note}",
-                per is not None and per <= 20,
-            )
-        )
-        p99 = held["probe_held"]["p99_ms"]
-        out.append(
-            Verdict(
-                "Small request p99 while they are held (1 conn)",
-                "< 50 ms",
-                f"{p99:.2f} ms (idle: {held['probe_idle']['p99_ms']:.2f} ms)",
-                p99 < 50 and not held["probe_held"]["errors"],
-            )
-        )
-    streamed = _get(results, "memory", "streamed")
-    if streamed:
-        growth = max(streamed["download"]["growth_kib"], streamed["upload"]["growth_kib"]) / 1024
-        complete = streamed["download"]["complete"] and streamed["upload"]["complete"]
-        out.append(
-            Verdict(
-                f"{streamed['bytes'] / MiB:,.0f} MiB streamed through the proxy (down, up): peak RSS growth",
-                "≤ 8 MiB",
-                f"{growth:.1f} MiB (down {streamed['download']['growth_kib'] / 1024:.1f},"
-                f" up {streamed['upload']['growth_kib'] / 1024:.1f})" + ("" if complete else " INCOMPLETE"),
-                growth <= 8 and complete,
-            )
-        )
-    store = _get(results, "store")
-    if store:
-        d = store["delete_100_devices"]
-        out.append(
-            Verdict(
-                f"Store at {store['populated']['rows']:,} rows: delete for a user with 100 devices",
-                "≤ 5 ms",
-                f"{d['total_ms']:.2f} ms median (max {d['total_max_ms']:.2f})",
-                d["total_ms"] <= 5,
-            )
-        )
-        nq = store["no_query"]
-        queries = nq["no_rows_incremental"] + nq["no_rows_initial"] + nq["other_device_rows_incremental"]
-        out.append(
-            Verdict(
-                "A /sync for a device with nothing pending: database statements",
-                "none",
-                f"{queries} in {sum(nq['requests'].values())} syncs"
-                f" (control, device with a pending delete: {nq['pending_incremental_control']} in 1)",
-                queries == 0 and nq["pending_incremental_control"] > 0,
-            )
-        )
-    return out
-
-
-def _floor(results: dict[str, Any], size: int) -> float | None:
-    """The floor measured beside the proxy's rewrite runs (median of their medians), or
-    else the one measured before the pass-through section."""
-    beside = _get(results, "passthrough", "floors_in_run", str(size))
-    if beside:
-        return median_of(beside)
-    return _get(results, "floor", str(size), "floor_ms")
-
-
-def median_of(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+from .verdicts import verdicts
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -204,7 +19,15 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _wrk_section(section: dict[str, Any], reference: str, labels: dict[str, str] | None = None) -> str:
+def _wrk_section(
+    section: dict[str, Any],
+    reference: str,
+    labels: dict[str, str] | None = None,
+    side: str | None = None,
+    cpu: str = "CPU µs/req (proxy or nginx)",
+) -> str:
+    """One row per (workload, target); `side`: the header of a column with the side
+    processes' CPU (see `harness.Target.side_pids`), when the section measured some."""
     rows = []
     for wk, label in section["workloads"].items():
         per = section["summary"][wk]
@@ -225,26 +48,33 @@ def _wrk_section(section: dict[str, Any], reference: str, labels: dict[str, str]
                     str(s["errors"]) + (f" (wrapped {s['wraps']})" if s["wraps"] else ""),
                 ]
             )
-    return _table(
-        [
-            "workload",
-            "target",
-            "req/s (median)",
-            f"ratio to {reference}",
-            "p50 ms",
-            "p99 ms",
-            "CPU µs/req (proxy or nginx)",
-            "req/s per repetition",
-            "errors",
-        ],
-        rows,
-    )
+            if side is not None:
+                rows[-1].insert(
+                    7,
+                    "–"
+                    if s.get("side_cpu_s") is None
+                    else f"{s['side_cpu_s']:.3f} s ({_f(s['side_cpu_us'], 2)} µs/req)",
+                )
+    headers = [
+        "workload",
+        "target",
+        "req/s (median)",
+        f"ratio to {reference}",
+        "p50 ms",
+        "p99 ms",
+        cpu,
+        "req/s per repetition",
+        "errors",
+    ]
+    if side is not None:
+        headers.insert(7, side)
+    return _table(headers, rows)
 
 
 def render(results: dict[str, Any], settings: Settings, command: str) -> str:
     machine = results["machine"]
     parts = [
-        "# Benchmarks (issue 5)",
+        "# Benchmarks (issues 5, 10, 12, 13)",
         "",
         "Produced by `bench/run.py` in one run"
         + (
@@ -269,14 +99,25 @@ def render(results: dict[str, Any], settings: Settings, command: str) -> str:
         "",
         "## Targets",
         "",
+        "The issue and item each target comes from: 13 (performance by design), 10 (sliding"
+        " sync), 12 (several instances on PostgreSQL), 5 (the first benchmark: its targets"
+        " where issue 13 did not replace them).",
+        "",
         _table(
-            ["figure", "target", "measured", "verdict"],
-            [[v.figure, v.target, v.measured, v.mark] for v in verdicts(results, settings)],
+            ["issue", "figure", "target", "measured", "verdict"],
+            [[v.issue, v.figure, v.target, v.measured, v.mark] for v in verdicts(results, settings)],
         ),
         "",
     ]
     parts += _details(results, settings)
     return "\n".join(parts) + "\n"
+
+
+def _body_label(settings: Settings, key: str) -> str:
+    """A floor's body: a /sync size, or the first sliding sync response."""
+    if key == "sliding":
+        return f"{settings.size_label(settings.sync_sizes[0])} sliding sync (first)"
+    return f"{settings.size_label(int(key))} /sync"
 
 
 def _details(results: dict[str, Any], settings: Settings) -> list[str]:
@@ -286,19 +127,33 @@ def _details(results: dict[str, Any], settings: Settings) -> list[str]:
         parts += [
             "### Pass-through, static upstream",
             "",
-            "The upstream is nginx serving fixed files (one worker). Targets: that nginx directly; nginx as a"
+            "The upstream is nginx serving fixed files (one worker); a sliding sync is a POST, which"
+            " nginx's static module refuses with 405: `error_page 405 =200 $uri` makes it answer the"
+            " file instead (an internal redirect as a GET). Targets: that nginx directly; nginx as a"
             " plain reverse proxy (one worker, `proxy_http_version 1.1`, upstream keepalive,"
-            " `proxy_buffering off`); the proxy (`python -m proxy`, msc3391 on, log level WARNING)."
-            " For the 26-byte GET also a reference that is no target of the issue:"
-            " `bench/minimal_proxy.py`, the least an aiohttp proxy does (one session, body read whole,"
-            " nothing else), to separate the framework's cost from the proxy's own."
+            " `proxy_buffering off`); the proxy (`python -m proxy`, msc3391 on, log level WARNING);"
+            " and, for the workloads it is the yardstick of (and the 26-byte GETs),"
+            " `bench/minimal_proxy.py`, the least an aiohttp proxy does (one session, bodies read"
+            " whole, nothing else): the framework's cost apart from the proxy's own."
             " CPU is utime+stime from /proc of the proxy process (or of the nginx proxy's workers)"
-            " divided by the requests wrk completed. /sync requests carry a bearer token; the proxy"
-            " asks the upstream's whoami once (cached). \"incremental\" has `since=` (the proxy's fast"
-            ' path, body passed unchanged); "initial" has none, and the body\'s `{}` account data entries'
-            " must be stripped (parse, rewrite, serialise).",
+            " divided by the requests wrk completed. /sync and sliding sync requests carry a bearer"
+            ' token; the proxy asks the upstream\'s whoami once (cached). "incremental" has `since=`'
+            " (the proxy's fast path, body passed unchanged); \"initial\" has none, and the body's `{}`"
+            " account data entries must be stripped (parse, rewrite, serialise). The sliding sync"
+            " request is Element X's room list (one list, the account data extension on): with `pos`"
+            " it is the fast path; without, the first response's account data extension must lose its"
+            " `{}` entries. `/versions` is owned: the proxy parses it and adds `org.matrix.msc3391`.",
             "",
             _wrk_section(pt, "nginx"),
+            "",
+            "Before the runs, one request of each workload through each target was checked (status"
+            " 200; the upstream's body unchanged where nothing is to change, `org.matrix.msc3391` in"
+            " the proxy's `/versions`, no `{}` account data entry left in the proxy's first answers): "
+            + (
+                "all as expected."
+                if not pt.get("answer_problems")
+                else "**" + "; ".join(pt["answer_problems"]) + "**."
+            ),
             "",
         ]
     floor = results.get("floor")
@@ -307,7 +162,7 @@ def _details(results: dict[str, Any], settings: Settings) -> list[str]:
         for size, f in floor.items():
             rows.append(
                 [
-                    settings.size_label(int(size)) + f" ({f['bytes']:,} bytes)",
+                    _body_label(settings, size) + f" ({f['bytes']:,} bytes)",
                     _f(f["floor_ms"], 2),
                     _f(f["loads_ms"], 2),
                     _f(f["floor_gc_paused_ms"], 2),
@@ -318,7 +173,7 @@ def _details(results: dict[str, Any], settings: Settings) -> list[str]:
             )
         beside = _get(results, "passthrough", "floors_in_run") or {}
         again = "; ".join(
-            f"{settings.size_label(int(size))}: " + ", ".join(f"{v:.1f}" for v in values) + " ms"
+            f"{_body_label(settings, size)}: " + ", ".join(f"{v:.1f}" for v in values) + " ms"
             for size, values in beside.items()
             if values
         )
@@ -327,13 +182,14 @@ def _details(results: dict[str, Any], settings: Settings) -> list[str]:
             "",
             "`orjson.loads` + `orjson.dumps` of the same body is the floor the rewrite targets are measured"
             " against. It is measured before the pass-through runs (the table) and again right after each"
-            " repetition of the proxy's initial-sync runs, in the same minutes of this shared machine"
+            " repetition of the proxy's initial-sync and first sliding sync runs, in the same minutes of"
+            " this shared machine"
             + (f" ({again})" if again else "")
             + "; the targets use the median of the latter. Beside it in the table: the same with the"
             " cyclic GC paused during the parse (as the proxy parses), the proxy's byte pre-scan"
             " (`rewrite.may_hold_deletions`), its exact parse"
-            " (`jsoncodec.loads`), and its whole initial-sync pipeline run in-process (scan, exact parse"
-            " with GC paused, `rewrite_sync`, `jsoncodec.dumps`).",
+            " (`jsoncodec.loads`), and its whole pipeline for a first answer run in-process (scan, exact"
+            " parse with GC paused, `rewrite_sync` or `rewrite_sliding_sync`, `jsoncodec.dumps`).",
             "",
             _table(
                 [
@@ -349,6 +205,9 @@ def _details(results: dict[str, Any], settings: Settings) -> list[str]:
             ),
             "",
         ]
+    gen = results.get("generated")
+    if gen:
+        parts += report_sections.generated(gen, _table, _wrk_section)
     syn = results.get("synapse")
     if syn:
         parts += [
@@ -431,79 +290,7 @@ def _details(results: dict[str, Any], settings: Settings) -> list[str]:
         ]
     st = results.get("store")
     if st:
-        d = st["delete_100_devices"]
-        hp = st["has_pending"]
-        pf = st["pending_for_device"]
-        nq = st["no_query"]
-        parts += [
-            "### Store",
-            "",
-            f"{st['populated']['rows']:,} rows in `account_data_unsynced_deletes`"
-            f" ({st['populated']['users']:,} users × 10 devices × 10 deletes, half of them room account"
-            " data, each with its tombstone), inserted with SQL in"
-            f" {st['populated']['seconds']:.1f} s into a store whose schema `Store` made;"
-            f" file system: {st['filesystem']}. `Store.open()` on it (loads the in-memory index):"
-            f" {st['open_seconds']:.2f} s.",
-            "",
-            _table(
-                ["figure", "value"],
-                [
-                    [
-                        f"delete for a user with 100 devices ({d['count']} deletes):"
-                        " begin_delete + commit_delete",
-                        f"{d['total_ms']:.2f} ms median, {d['total_max_ms']:.2f} ms max",
-                    ],
-                    [
-                        "… of which begin_delete / commit_delete",
-                        f"{d['begin_ms']:.2f} / {d['commit_ms']:.2f} ms",
-                    ],
-                    [
-                        "the same type deleted again (replaces the old tombstone)",
-                        f"{d['same_type_again_ms']:.2f} ms",
-                    ],
-                    [
-                        "for scale: one one-row durable commit (WAL, synchronous=FULL) on this file system",
-                        f"{st['commit_floor_ms']:.2f} ms",
-                    ],
-                    ["has_pending, user without rows", f"{hp['user_without_rows_ns']:.0f} ns"],
-                    ["has_pending, user with rows, device without", f"{hp['device_without_rows_ns']:.0f} ns"],
-                    ["has_pending, device with rows", f"{hp['device_with_rows_ns']:.0f} ns"],
-                    [
-                        "pending_for_device, nothing pending (answered in memory)",
-                        f"{pf['nothing_pending_us']:.1f} µs",
-                    ],
-                    [
-                        f"pending_for_device, {pf['ten_pending_found']} pending (a query)",
-                        f"{pf['ten_pending_us']:.0f} µs",
-                    ],
-                    [
-                        f"pending_for_device, {pf['many_pending_found']} pending (a query)",
-                        f"{pf['many_pending_us']:.0f} µs",
-                    ],
-                    [
-                        "statements for 50 incremental /syncs, user without rows",
-                        str(nq["no_rows_incremental"]),
-                    ],
-                    [
-                        "statements for 10 initial /syncs (rewritten), user without rows",
-                        str(nq["no_rows_initial"]),
-                    ],
-                    [
-                        "statements for the first /sync after the user got rows (device sweep)",
-                        str(nq["other_device_sweep"]),
-                    ],
-                    [
-                        "statements for 50 incremental /syncs, rows only on the user's other device",
-                        str(nq["other_device_rows_incremental"]),
-                    ],
-                    [
-                        "control: statements for 1 /sync of a device with a pending delete",
-                        str(nq["pending_incremental_control"]),
-                    ],
-                ],
-            ),
-            "",
-        ]
+        parts += report_sections.store(st, _table)
     bg = results.get("background")
     if bg:
         parts += [

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""The benchmark of issue 5, in one command: `python3 bench/run.py [--quick]`.
+"""The benchmark of issues 5, 10, 12 and 13, in one command: `python3 bench/run.py [--quick]`.
 
-Starts everything itself on loopback (nginx static upstream, nginx reverse proxy, the
-proxy as `python -m proxy`, two real Synapse 1.163.2 homeservers, a slow upstream),
-measures every figure of the issue, and writes docs/benchmarks.md. A full run takes
-about 15-20 minutes; `--quick` is a smoke test of under 2 minutes (short durations,
-small sizes, one repetition) that writes its report to a temporary file instead.
-See bench/README.md.
+Starts everything itself on loopback (nginx static upstream, nginx reverse proxies, nginx
+on the configuration `python -m proxy nginx-config` generates, the proxy as `python -m
+proxy`, the minimal aiohttp proxy, two real Synapse 1.163.2 homeservers, a slow
+upstream, PostgreSQL), measures every figure, and writes docs/benchmarks.md. A full run
+takes about 20 minutes; `--quick` is a smoke test of about 2 minutes (short
+durations, small sizes, one repetition) that writes its report to a temporary file
+instead. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-SECTIONS = ("floor", "passthrough", "synapse", "memory", "store")
+SECTIONS = ("floor", "passthrough", "generated", "synapse", "memory", "store")
+NEEDS_POSTGRES = {"generated", "store"}
 
 
 def ensure_tools() -> None:
@@ -97,6 +99,7 @@ def machine_facts(synapse_python: Path | None, code: Path) -> dict[str, Any]:
         "Synapse": _version([str(synapse_python), "-c", "import synapse; print(synapse.__version__)"])
         if synapse_python
         else "not run",
+        "PostgreSQL": "not run",
         "proxy code": f"git {git}"
         + (" with uncommitted changes in proxy/" if dirty else "")
         + f"; a copy of proxy/ taken at the start ran throughout (sha256 {proxy_code_hash(code)})",
@@ -119,9 +122,9 @@ def _busy_ticks() -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="The msc3391-proxy benchmark (issue 5).")
+    parser = argparse.ArgumentParser(description="The msc3391-proxy benchmark (issues 5, 10, 12, 13).")
     parser.add_argument(
-        "--quick", action="store_true", help="a smoke test: short runs, small sizes (< 2 minutes)"
+        "--quick", action="store_true", help="a smoke test: short runs, small sizes (~2 minutes)"
     )
     parser.add_argument(
         "--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)} (for development)"
@@ -148,7 +151,7 @@ def main() -> int:
 
 
 def _run(args: argparse.Namespace, workdir: Path, code: Path) -> int:
-    from bench import memory_bench, passthrough, report, store_bench, synapse_bench
+    from bench import generated_bench, memory_bench, passthrough, pg, report, store_bench, synapse_bench
     from bench.harness import Wrk, say
     from bench.settings import FULL, QUICK
     from rig.proxy_process import ProxyProcess
@@ -171,16 +174,15 @@ def _run(args: argparse.Namespace, workdir: Path, code: Path) -> int:
     started = time.monotonic()
     busy_start = _busy_ticks()
     load_start = os.getloadavg()
-    results: dict[str, Any] = {"machine": machine_facts(synapse_python, code / "proxy")}
     wrk = Wrk(workdir)
 
-    def proxy_factory(upstream_url: str, name: str) -> ProxyProcess:
+    def proxy_factory(upstream_url: str, name: str, extra_toml: str = "") -> ProxyProcess:
         # Run from `code`: every proxy process imports the copy of proxy/ taken at the start.
         proxy = ProxyProcess(
             workdir,
             upstream_url,
             msc3391=True,
-            extra_toml='[proxy]\nlog_level = "WARNING"',
+            extra_toml='[proxy]\nlog_level = "WARNING"\n' + extra_toml,
             name=name,
             code_dir=code,
         )
@@ -188,13 +190,21 @@ def _run(args: argparse.Namespace, workdir: Path, code: Path) -> int:
         return proxy
 
     stack: list[Any] = []
+    postgres = None
+    results: dict[str, Any] = {"machine": machine_facts(synapse_python, code / "proxy")}
     try:
+        if sections & NEEDS_POSTGRES:
+            # From this (the main) thread, which lives as long as the server does: the rig
+            # has Linux stop it when the thread that started it ends.
+            postgres = pg.start(workdir)
+            stack.append(postgres)
+            results["machine"]["facts"]["PostgreSQL"] = pg.version(postgres)
         bodies = passthrough.make_bodies(settings)
         if "floor" in sections or "passthrough" in sections:
             say("floor: orjson loads+dumps on the sync bodies, in-process")
             results["floor"] = passthrough.floors(settings, bodies)
         upstream = None
-        if sections & {"passthrough", "store"}:
+        if sections & {"passthrough", "generated", "store"}:
             root = workdir / "static"
             passthrough.write_static_files(root, bodies)
             upstream = passthrough.static_upstream(workdir, root)
@@ -208,13 +218,20 @@ def _run(args: argparse.Namespace, workdir: Path, code: Path) -> int:
                 settings, workdir, wrk, upstream, proxy.process.pid, proxy.url, bodies
             )
             proxy.stop()
+        if "generated" in sections:
+            assert upstream is not None
+            results["generated"] = generated_bench.run(
+                settings, workdir, wrk, upstream, code, proxy_factory, postgres
+            )
         if "synapse" in sections:
             results["synapse"] = synapse_bench.run(settings, workdir, wrk, proxy_factory)
         if "memory" in sections:
             results["memory"] = memory_bench.run(settings, workdir, wrk, proxy_factory)
         if "store" in sections:
             assert upstream is not None
-            results["store"] = store_bench.run(settings, workdir, f"http://127.0.0.1:{upstream.ports[0]}")
+            results["store"] = store_bench.run(
+                settings, workdir, f"http://127.0.0.1:{upstream.ports[0]}", postgres
+            )
     finally:
         for thing in reversed(stack):
             thing.stop()

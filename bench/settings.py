@@ -13,7 +13,8 @@ class Settings:
     quick: bool
     reps: int
     warmup_seconds: int
-    small_seconds: int  # 26-byte GET, each run
+    small_seconds: int  # 26-byte GET and /versions at 64 connections, each run
+    reference_seconds: int  # 26-byte GET at 1 and 8 connections (no target), each run
     sync_seconds: int  # /sync bodies from the static upstream, each run
     synapse_seconds: int  # whoami, account data GET, incremental sync on Synapse
     delete_seconds: int  # MSC3391 DELETE on Synapse
@@ -33,6 +34,7 @@ FULL = Settings(
     reps=3,
     warmup_seconds=1,
     small_seconds=5,
+    reference_seconds=3,
     sync_seconds=4,
     synapse_seconds=5,
     delete_seconds=5,
@@ -49,6 +51,7 @@ QUICK = Settings(
     reps=1,
     warmup_seconds=0,
     small_seconds=1,
+    reference_seconds=1,
     sync_seconds=1,
     synapse_seconds=1,
     delete_seconds=1,

@@ -1,11 +1,13 @@
-"""The store at scale: 1,000,000 rows in `account_data_unsynced_deletes`.
+"""The store at scale: 1,000,000 rows in `account_data_unsynced_deletes`, on SQLite and
+on PostgreSQL.
 
-Populated with SQL into a temporary store file whose schema the proxy's own `SqlStore`
-created; then, through the `SqlStore` API, a delete for a user with 100 devices
-(`begin_delete` + `commit_delete`), the in-memory `has_pending` and the
-`pending_for_device` query. Finally an in-process proxy on that store answers
-/syncs with an SQLite trace callback installed, to show that a device with nothing
-pending costs no database query.
+Each backend's database gets its schema from the proxy's own store (opened once), then
+is populated with SQL (SQLite: executemany in one transaction; PostgreSQL:
+`generate_series` on the server); then, through the `DeletionStore` API, a delete for a
+user with 100 devices (`begin_delete` + `commit_delete`), the in-memory `has_pending`
+and the `pending_for_device` query. Finally an in-process proxy on the SQLite store
+answers /syncs with an SQLite trace callback installed, to show that a device with
+nothing pending costs no database query.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import aiohttp
 from proxy.app import CONTEXT
 from proxy.config import parse_config
 from proxy.server import ProxyServer
-from proxy.store import sqlite_store
+from proxy.store import DeletionStore, open_store
+from rig.postgres import PostgresServer
 
+from . import pg
 from .harness import median, say
 from .passthrough import sync_name
 from .settings import Settings
@@ -30,6 +34,20 @@ from .settings import Settings
 DEVICES_PER_USER = 10
 DELETES_PER_USER = 10
 HUNDRED_USER = "@hundred:localhost"
+
+
+def _store(directory: Path, *, path: Path | None = None, url: str | None = None) -> DeletionStore:
+    """The proxy's own store for an SQLite file or a PostgreSQL URL, as its config makes it."""
+    store: dict[str, Any] = {"path": str(path or directory / "unused.sqlite3")}
+    if url is not None:
+        store["url"] = url
+    config = parse_config({"upstream": {"url": "http://127.0.0.1:1"}, "store": store}, directory)
+    return open_store(config.store)
+
+
+async def _create_schema(store: DeletionStore) -> None:
+    await store.open()
+    await store.close()
 
 
 def populate(path: Path, rows: int) -> dict[str, Any]:
@@ -77,6 +95,72 @@ def _flush(
     unsynced.clear()
 
 
+async def populate_postgres(url: str, rows: int) -> dict[str, Any]:
+    """The same rows as `populate`, made by the server itself (`generate_series`), then
+    the identity sequence moved past them and the tables vacuumed and analysed (as
+    autovacuum would have done to a table of this size in a running deployment)."""
+    import asyncpg
+
+    users = max(1, rows // (DEVICES_PER_USER * DELETES_PER_USER))
+    started = time.monotonic()
+    conn = await asyncpg.connect(dsn=url)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO account_data_tombstones"
+                " (stream_id, user_id, room_id, account_data_type, state, created_ts)"
+                " SELECT u * $2::bigint + d + 1, '@user' || u || ':localhost',"
+                " CASE WHEN d % 2 = 1 THEN '!room' || d || ':localhost' END,"
+                " 'org.example.type.' || d, 'done', 1760000000000"
+                " FROM generate_series(0, $1::int - 1) AS u, generate_series(0, $2::int - 1) AS d",
+                users,
+                DELETES_PER_USER,
+            )
+            await conn.execute(
+                "INSERT INTO account_data_unsynced_deletes"
+                " (stream_id, user_id, account_data_type, room_id, device_id)"
+                " SELECT t.stream_id, t.user_id, t.account_data_type, t.room_id, 'DEV' || k"
+                " FROM account_data_tombstones AS t, generate_series(0, $1::int - 1) AS k",
+                DEVICES_PER_USER,
+            )
+            await conn.execute(
+                "SELECT setval(pg_get_serial_sequence('account_data_tombstones', 'stream_id'),"
+                " (SELECT max(stream_id) FROM account_data_tombstones))"
+            )
+        await conn.execute("VACUUM ANALYZE account_data_tombstones")
+        await conn.execute("VACUUM ANALYZE account_data_unsynced_deletes")
+        count = await conn.fetchval("SELECT count(*) FROM account_data_unsynced_deletes")
+        size = await conn.fetchval("SELECT pg_size_pretty(pg_database_size(current_database()))")
+    finally:
+        await conn.close()
+    return {
+        "rows": count,
+        "users": users,
+        "tombstones": users * DELETES_PER_USER,
+        "seconds": time.monotonic() - started,
+        "database_size": size,
+    }
+
+
+async def postgres_commit_floor_ms(url: str, repeats: int = 30) -> float:
+    """One one-row INSERT, committed durably (synchronous_commit on, fsync on): what any
+    durable commit costs on this server and disk, whatever the schema."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn=url)
+    try:
+        await conn.execute("CREATE TABLE bench_commit_floor (x INTEGER)")
+        times = []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            await conn.execute("INSERT INTO bench_commit_floor VALUES ($1)", i)
+            times.append((time.perf_counter() - t0) * 1000)
+        await conn.execute("DROP TABLE bench_commit_floor")
+    finally:
+        await conn.close()
+    return median(times)
+
+
 def commit_floor_ms(directory: Path, repeats: int = 30) -> float:
     """One one-row transaction in WAL mode with synchronous=FULL (the proxy's settings)
     on this file system: what any durable commit costs here, whatever the schema."""
@@ -103,8 +187,7 @@ def _per_call_ns(calls: int, work: Any) -> float:
     return (time.perf_counter_ns() - started) / calls
 
 
-async def _store_figures(path: Path, deletes: int) -> dict[str, Any]:
-    store = sqlite_store(path)
+async def _store_figures(store: DeletionStore, deletes: int) -> dict[str, Any]:
     started = time.monotonic()
     await store.open()
     open_seconds = time.monotonic() - started
@@ -194,7 +277,7 @@ async def _no_query_check(path: Path, workdir: Path, upstream_url: str, body_siz
     await server.start()
     try:
         ctx = server.app[CONTEXT]
-        await ctx.store.db.set_trace_callback(statements.append)
+        await ctx.store.db.connection.set_trace_callback(statements.append)
         headers = {"Authorization": "Bearer bench-token"}
         incremental = f"{server.url}/_matrix/client/v3/sync?since=s1&timeout=0&bench={sync_name(body_size)}"
         initial = f"{server.url}/_matrix/client/v3/sync?bench={sync_name(body_size)}"
@@ -237,32 +320,41 @@ async def _no_query_check(path: Path, workdir: Path, upstream_url: str, body_siz
         await server.stop()
 
 
-def run(settings: Settings, workdir: Path, upstream_url: str) -> dict[str, Any]:
+def run(
+    settings: Settings, workdir: Path, upstream_url: str, postgres: PostgresServer | None
+) -> dict[str, Any]:
     directory = workdir / "store"
     directory.mkdir(exist_ok=True)
     path = directory / "bench.sqlite3"
-
-    async def create() -> None:
-        store = sqlite_store(path)
-        await store.open()
-        await store.close()
-
-    asyncio.run(create())
-    say(f"store: populating {settings.store_rows:,} rows")
+    deletes = 10 if settings.quick else 30
+    asyncio.run(_create_schema(_store(directory, path=path)))
+    say(f"store (SQLite): populating {settings.store_rows:,} rows")
     populated = populate(path, settings.store_rows)
-    say(f"store: {populated['rows']:,} rows in {populated['seconds']:.1f} s; timing deletes and look-ups")
-    figures = asyncio.run(_store_figures(path, deletes=10 if settings.quick else 30))
+    say(f"store (SQLite): {populated['rows']:,} rows in {populated['seconds']:.1f} s; timing")
+    sqlite = {
+        "populated": populated,
+        **asyncio.run(_store_figures(_store(directory, path=path), deletes)),
+        "commit_floor_ms": commit_floor_ms(directory),
+        "filesystem": _filesystem(directory),
+    }
     say("store: counting database statements of /syncs in an in-process proxy")
     no_query = asyncio.run(_no_query_check(path, directory, upstream_url, settings.sync_sizes[0]))
-    fs = _filesystem(directory)
-    floor = commit_floor_ms(directory)
-    return {
-        "populated": populated,
-        **figures,
-        "no_query": no_query,
-        "filesystem": fs,
-        "commit_floor_ms": floor,
-    }
+    backends: dict[str, Any] = {"sqlite": sqlite}
+    if postgres is not None:
+        url = pg.database(postgres, "bench_store")
+        asyncio.run(_create_schema(_store(directory, url=url)))
+        say(f"store (PostgreSQL): populating {settings.store_rows:,} rows")
+        populated = asyncio.run(populate_postgres(url, settings.store_rows))
+        say(f"store (PostgreSQL): {populated['rows']:,} rows in {populated['seconds']:.1f} s; timing")
+        backends["postgresql"] = {
+            "populated": populated,
+            **asyncio.run(_store_figures(_store(directory, url=url), deletes)),
+            "commit_floor_ms": asyncio.run(postgres_commit_floor_ms(url)),
+            "settings": pg.settings_text(postgres),
+            "version": pg.version(postgres),
+            "filesystem": _filesystem(postgres.directory),
+        }
+    return {"backends": backends, "no_query": no_query}
 
 
 def _filesystem(path: Path) -> str:
