@@ -274,7 +274,9 @@ def _route_map(upstream: UpstreamConfig, routes: Sequence[Route]) -> str:
         "# proxy's route table) against the raw request target, the query string allowed",
         "# after them. Decided on $request_uri, which nginx passes on unchanged, never on",
         "# the decoded $uri (where %2F, .. and # change the path). The value is the",
-        "# internal location that forwards the request to the proxy.",
+        "# internal location that forwards the request to the proxy. Consecutive routes",
+        "# of one location share an entry, their patterns its alternatives: nginx tries",
+        "# every entry on every request it does not hand to the proxy.",
         f"map $request_uri {ROUTE_VARIABLE} {{",
         '    default "";',
     ]
@@ -283,9 +285,18 @@ def _route_map(upstream: UpstreamConfig, routes: Sequence[Route]) -> str:
         for uri, (_, members) in internal_locations(routes, upstream).items()
         for route in members
     }
+    # Runs of the table's order, so the first match is still the table's first match.
+    runs: list[tuple[str, list[Route]]] = []
     for route in routes:
-        pattern = request_uri_pattern(route.pattern.pattern)
-        lines.append(f'    "~{pattern}" {location_of[route.name]};  # {route.name}')
+        location = location_of[route.name]
+        if runs and runs[-1][0] == location:
+            runs[-1][1].append(route)
+        else:
+            runs.append((location, [route]))
+    for location, members in runs:
+        alternatives = [request_uri_pattern(route.pattern.pattern).removeprefix("^") for route in members]
+        pattern = "^" + alternatives[0] if len(alternatives) == 1 else "^(?:" + "|".join(alternatives) + ")"
+        lines.append(f'    "~{pattern}" {location};  # {", ".join(route.name for route in members)}')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
