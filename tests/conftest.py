@@ -1,8 +1,10 @@
 """Shared fixtures: `http` (the tests' HTTP client), `msc3391` (the proxy's feature off
-and on), `start_proxy` (a proxy in this process). Loaded as plugins here: the fixtures
-over the rig in `tests/rig_fixtures.py` (`synapse`, `synapse_msc3391`, `synapse_factory`,
-`proxy_process`, `postgres`, `postgres_url`, `postgres_factory`, `unique_name`,
-`require`) and the fake homeserver's `fake_hs` in `tests/fake_homeserver.py`. Matrix
+and on), `store_backend` (SQLite and PostgreSQL), `start_proxy` (a proxy in this
+process). Loaded as plugins here: the fixtures over the rig in `tests/rig_fixtures.py`
+(`synapse`, `synapse_msc3391`, `synapse_factory`, `proxy_process`, `postgres`,
+`postgres_url`, `postgres_factory`, `unique_name`, `require`), the fake homeserver's
+`fake_hs` in `tests/fake_homeserver.py`, and the proxy in front of the real Synapse
+(`proxy`, `store`, `devices`, `another_device`) in `tests/proxied_synapse.py`. Matrix
 paths and calls for the tests: `tests/matrix.py`."""
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from proxy.config import parse_config
 from proxy.server import ProxyServer
 from rig.proxy_process import merged
 
-pytest_plugins = ["tests.rig_fixtures", "tests.fake_homeserver"]
+pytest_plugins = ["tests.rig_fixtures", "tests.fake_homeserver", "tests.proxied_synapse"]
 
 StartProxy = Callable[..., Awaitable[ProxyServer]]
 

@@ -296,6 +296,7 @@ def go_down_at_the_write(hs: FakeHomeserver) -> None:
     only if no connection of the two reads were left open to send the write on.)"""
     hs.fault(disconnect=True, go_down_after=True, times=1, **CALLS["write"])
 
+
 EVERY_CALL = tuple(CALLS)
 
 # (call, how it fails, the fault (or REFUSED), status answered, errcode (or RELAYED), write landed)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from proxy.app import CONTEXT
 from proxy.server import ProxyServer
 from proxy.store import DeletionStore
 from rig.synapse import SynapseServer
@@ -22,53 +20,9 @@ from tests.matrix import (
     entries_of,
     global_entries,
 )
+from tests.proxied_synapse import AnotherDevice, MakeDevices, rows
 
 pytestmark = pytest.mark.synapse
-
-MakeDevices = Callable[[int], Awaitable[list[Device]]]
-
-
-@pytest.fixture
-async def proxy(
-    store_backend: dict[str, Any], start_proxy: Callable[..., Awaitable[ProxyServer]], synapse: SynapseServer
-) -> ProxyServer:
-    # The store first: torn down last, after the proxy that uses it has stopped.
-    return await start_proxy(synapse.url, **store_backend)
-
-
-@pytest.fixture
-def store(proxy: ProxyServer) -> DeletionStore:
-    return proxy.app[CONTEXT].store
-
-
-@pytest.fixture
-def devices(
-    synapse: SynapseServer,
-    proxy: ProxyServer,
-    http: aiohttp.ClientSession,
-    unique_name: Callable[[str], str],
-) -> MakeDevices:
-    """`await devices(n)`: a new user with n devices, each talking to the proxy."""
-
-    async def make(n: int) -> list[Device]:
-        name = unique_name("u")
-        accounts = [await asyncio.to_thread(synapse.register, name)]
-        for _ in range(n - 1):
-            accounts.append(await asyncio.to_thread(synapse.login, name))
-        return [Device(http, proxy.url, a) for a in accounts]
-
-    return make
-
-
-@pytest.fixture
-def another_device(synapse: SynapseServer) -> Callable[[Device], Awaitable[Device]]:
-    """`await another_device(d)`: a new login of d's user, talking to the same place."""
-
-    async def make(device: Device) -> Device:
-        account = await asyncio.to_thread(synapse.login, device.account.localpart)
-        return Device(device.session, device.base_url, account)
-
-    return make
 
 
 async def set_and_delete(device: Device, kind: str, room_id: str | None = None) -> None:
@@ -78,11 +32,6 @@ async def set_and_delete(device: Device, kind: str, room_id: str | None = None) 
     await device.put(kind, {"v": 1}, room_id)
     await device.delete(kind, room_id)
     await device.sync()
-
-
-async def rows(store: DeletionStore, user_id: str) -> set[tuple[str | None, str, str]]:
-    """(room, type, device) of every row of the user in account_data_unsynced_deletes."""
-    return {(r.room_id, r.account_data_type, r.device_id) for r in await store.unsynced_rows(user_id)}
 
 
 # --- Complement tests/msc3391, step by step ---------------------------------------------
@@ -306,7 +255,7 @@ async def test_missing_and_unknown_tokens_are_the_homeservers_answers(
 
 
 async def test_every_other_device_learns_of_a_delete_and_only_then_loses_its_row(
-    devices: MakeDevices, another_device: Callable[[Device], Awaitable[Device]], store: DeletionStore
+    devices: MakeDevices, another_device: AnotherDevice, store: DeletionStore
 ) -> None:
     a, b, c = await devices(3)
     kind = "org.example.multi"

@@ -5,58 +5,18 @@ carries its lists and its account data extension)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import pytest
 
-from proxy.app import CONTEXT
 from proxy.rewrite import NUDGE_TYPE
-from proxy.server import ProxyServer
 from proxy.store import DeletionStore
 from rig.synapse import SynapseServer
 from tests.matrix import Device
+from tests.proxied_synapse import MakeDevices, rows
 from tests.sliding_client import Connection, empty_entries, entries_of
 
 pytestmark = pytest.mark.synapse
-
-MakeDevices = Callable[[int], Awaitable[list[Device]]]
-Rows = set[tuple[str | None, str, str]]
-
-
-@pytest.fixture
-async def proxy(
-    store_backend: dict[str, Any], start_proxy: Callable[..., Awaitable[ProxyServer]], synapse: SynapseServer
-) -> ProxyServer:
-    # The store first: torn down last, after the proxy that uses it has stopped.
-    return await start_proxy(synapse.url, **store_backend)
-
-
-@pytest.fixture
-def store(proxy: ProxyServer) -> DeletionStore:
-    return proxy.app[CONTEXT].store
-
-
-@pytest.fixture
-def devices(
-    synapse: SynapseServer, proxy: ProxyServer, http: aiohttp.ClientSession, unique_name: Callable[[str], str]
-) -> MakeDevices:
-    """`await devices(n)`: a new user with n devices, each talking to the proxy."""
-
-    async def make(n: int) -> list[Device]:
-        name = unique_name("ss")
-        accounts = [await asyncio.to_thread(synapse.register, name)]
-        for _ in range(n - 1):
-            accounts.append(await asyncio.to_thread(synapse.login, name))
-        return [Device(http, proxy.url, a) for a in accounts]
-
-    return make
-
-
-async def rows(store: DeletionStore, user_id: str) -> Rows:
-    return {(r.room_id, r.account_data_type, r.device_id) for r in await store.unsynced_rows(user_id)}
-
 
 # --- Complement's tests/msc3391, over sliding sync --------------------------------------------
 
