@@ -140,6 +140,10 @@ class Nginx:
         while len(self.worker_pids()) < self.workers and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def worker_pids(self) -> list[int]:
         if self.process is None or self.process.poll() is not None:
             return []

@@ -9,16 +9,29 @@ device C, offline meanwhile, sees it when it syncs from its old token, and only 
 leaves `account_data_unsynced_deletes`; device D sees it over sliding sync (Element X's
 sync), once; and the current matrix-js-sdk deletes a live, a never-set and an
 already-deleted type, each call returning. Runs until Ctrl-C.
+
+`python3 scripts/demo.py --instances 2`: the deployment of the README's "Several
+instances on PostgreSQL" instead of one proxy: a PostgreSQL of its own (the Debian
+package, installed as root if missing), two proxy instances sharing it, and nginx
+(installed likewise) in front of them on 127.0.0.1:8009, running what
+`msc3391-proxy nginx-config` generates: owned paths round-robin to the instances,
+everything else straight to Synapse. The same steps, through nginx, give the same
+answers whichever instance each request reaches, and after a last step killing one
+instance, the other serves on.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from _bootstrap import ROOT, enter_venv, say, use_repository_modules
@@ -83,12 +96,131 @@ def js_sdk_step(proxy_url: str) -> str:
     return f"MSC3391_DEMO={shlex.quote(job)} {command}"
 
 
+def _parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N > 1: N instances on one PostgreSQL, behind nginx (default: 1, SQLite)",
+    )
+    arguments = parser.parse_args()
+    if not 1 <= arguments.instances <= 8:
+        parser.error("--instances takes 1 to 8")
+    return arguments
+
+
+def _programs_for_instances() -> tuple[str, Path]:
+    """nginx's binary and PostgreSQL's bindir, installing their Debian packages if
+    they are missing (as the test suite does)."""
+    from rig.programs import find_postgres_bindir, find_program, install_debian_packages
+
+    found = {"nginx": find_program("nginx"), "postgresql": find_postgres_bindir()}
+    missing = [package for package, where in found.items() if where is None]
+    if missing and not install_debian_packages(missing, say=say):
+        raise RuntimeError(f"--instances needs {' and '.join(missing)} (apt install {' '.join(missing)})")
+    nginx, bindir = find_program("nginx"), find_postgres_bindir()
+    if nginx is None or bindir is None:
+        raise RuntimeError("nginx or PostgreSQL's server programs are still not found")
+    return nginx, bindir
+
+
+def _nginx_config(config_path: Path, listen_port: int, instances: list[Any]) -> str:
+    """What the README tells an operator to run: `msc3391-proxy nginx-config`, one
+    `--proxy` per instance."""
+    command = [str(ROOT / ".venv/bin/msc3391-proxy"), "nginx-config", "--config", str(config_path)]
+    command += ["--listen", f"127.0.0.1:{listen_port}"]
+    for instance in instances:
+        command += ["--proxy", f"{instance.host}:{instance.port}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"msc3391-proxy nginx-config failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+# What the demo started, by name, to watch; each is stopped by the demo's ExitStack.
+Running = list[tuple[str, Any]]
+
+
+def _start_instances(
+    count: int, upstream_url: str, running: Running, stack: contextlib.ExitStack
+) -> list[Any]:
+    """One proxy on its SQLite file, or `count` on a PostgreSQL of their own."""
+    from rig.postgres import PostgresServer, temporary_directory
+    from rig.processes import free_port, port_is_free
+    from rig.proxy_process import ProxyProcess
+
+    store = ""
+    if count > 1:
+        _, bindir = _programs_for_instances()
+        # Under /tmp: the `postgres` user it runs as (when we are root) must reach it.
+        directory = temporary_directory("msc3391-demo-postgres-")
+        stack.callback(shutil.rmtree, directory, ignore_errors=True)
+        postgres = PostgresServer(directory, bindir=bindir)
+        say("starting PostgreSQL ...")
+        stack.callback(postgres.stop)
+        postgres.start()
+        running.append(("PostgreSQL", postgres))
+        postgres.create_user("msc3391_proxy")
+        url = postgres.create_database("msc3391_proxy", owner="msc3391_proxy")
+        store = f"[store]\nurl = {json.dumps(url)}\n"
+    instances = []
+    for i in range(count):
+        metrics_port = 9109 + i if port_is_free(9109 + i) else free_port()
+        # One instance keeps the README's port; several are reached through nginx there.
+        port = 8009 if count == 1 and port_is_free(8009) else free_port()
+        instance = ProxyProcess(
+            DEMO_DIR,
+            upstream_url,
+            msc3391=True,
+            port=port,
+            name="proxy" if count == 1 else f"proxy-{'abcdefgh'[i]}",
+            extra_toml=f"{store}[metrics]\nenabled = true\nport = {metrics_port}\n",
+        )
+        say(f"starting the proxy{'' if count == 1 else ' ' + 'abcdefgh'[i]} ...")
+        stack.callback(instance.stop)
+        instance.start()
+        running.append((f"the proxy on port {instance.port}", instance))
+        instances.append(instance)
+    return instances
+
+
+def _start_nginx(instances: list[Any], running: Running, stack: contextlib.ExitStack) -> str:
+    """nginx on 127.0.0.1:8009 (or a free port) running the generated configuration."""
+    from rig.nginx import Nginx
+    from rig.processes import free_port, port_is_free
+
+    binary, _ = _programs_for_instances()
+    port = 8009 if port_is_free(8009) else free_port()
+    text = _nginx_config(instances[0].config_path, port, instances)
+    (DEMO_DIR / "nginx-msc3391-proxy.conf").write_text(text)
+    nginx = Nginx(DEMO_DIR / "nginx", text, [port], binary=binary)
+    say("starting nginx ...")
+    stack.callback(nginx.stop)
+    nginx.start()
+    running.append(("nginx", nginx))
+    return f"http://127.0.0.1:{port}"
+
+
+def _wait_while_running(running: Running, killable: Any) -> int:
+    """Until one of them exits (except `killable`: the instance the last step kills)."""
+    while True:
+        for name, service in running:
+            if service is not killable and not service.running:
+                say(f"{name} exited unexpectedly")
+                log = service.log_tail(20) if hasattr(service, "log_tail") else getattr(service, "log", "")
+                print(log[-3000:], file=sys.stderr)
+                return 1
+        time.sleep(0.5)
+
+
 def main() -> int:
+    arguments = _parse_arguments()
     enter_venv()
     use_repository_modules()
     from rig.accounts import login, register
-    from rig.processes import free_port, http_json, port_is_free
-    from rig.proxy_process import ProxyProcess
+    from rig.processes import http_json, port_is_free
     from rig.synapse import SYNAPSE_VERSION, SynapseServer, ensure_synapse_venv
 
     # Explicitly: a shell may start a background job with SIGINT ignored.
@@ -103,40 +235,38 @@ def main() -> int:
     DEMO_DIR.mkdir()
 
     synapse = SynapseServer(DEMO_DIR / "synapse", msc3391=False, port=8008 if port_is_free(8008) else None)
-    proxy: ProxyProcess | None = None
+    running: Running = [("Synapse", synapse)]
+    # Started last, stopped first: the front (nginx), the instances, then what they use.
+    stack = contextlib.ExitStack()
     try:
         say(f"starting Synapse {SYNAPSE_VERSION} ...")
+        stack.callback(synapse.stop)
         synapse.start()
-        metrics_port = 9109 if port_is_free(9109) else free_port()
-        proxy = ProxyProcess(
-            DEMO_DIR,
-            synapse.url,
-            msc3391=True,
-            port=8009 if port_is_free(8009) else free_port(),
-            extra_toml=f"[metrics]\nenabled = true\nport = {metrics_port}\n",
-        )
-        say("starting the proxy ...")
-        proxy.start()
+        instances = _start_instances(arguments.instances, synapse.url, running, stack)
+        proxy = instances[0]
+        front = instances[0].url
+        if len(instances) > 1:
+            front = _start_nginx(instances, running, stack)
 
         # Through the proxy, as a client would.
-        device_a = register(proxy.url, "alice", "password")
-        device_b = login(proxy.url, "alice", "password")
-        device_c = login(proxy.url, "alice", "password")
-        device_d = login(proxy.url, "alice", "password")
-        status, first = http_json("POST", proxy.url + SLIDING_SYNC, SLIDING_BODY, token=device_d.access_token)
+        device_a = register(front, "alice", "password")
+        device_b = login(front, "alice", "password")
+        device_c = login(front, "alice", "password")
+        device_d = login(front, "alice", "password")
+        status, first = http_json("POST", front + SLIDING_SYNC, SLIDING_BODY, token=device_d.access_token)
         if status != 200:
             raise RuntimeError(f"device D's first sliding sync failed: {status} {first}")
         d_pos = first["pos"]
         tokens = {}
         for name, device in (("B", device_b), ("C", device_c)):
             status, synced = http_json(
-                "GET", f"{proxy.url}/_matrix/client/v3/sync?timeout=0", token=device.access_token
+                "GET", f"{front}/_matrix/client/v3/sync?timeout=0", token=device.access_token
             )
             if status != 200:
                 raise RuntimeError(f"device {name}'s first sync failed: {status} {synced}")
             tokens[name] = synced["next_batch"]
 
-        p, user = proxy.url, device_a.user_id
+        p, user = front, device_a.user_id
         data_url = f"{p}/_matrix/client/v3/user/{user}/account_data/{TYPE}"
         delete_url = f"{p}/_matrix/client/unstable/org.matrix.msc3391/user/{user}/account_data/{TYPE}"
         a, b, c = device_a.access_token, device_b.access_token, device_c.access_token
@@ -151,12 +281,33 @@ def main() -> int:
         pos_of = "python3 -c " + shlex.quote('import json,sys; print(json.load(sys.stdin)["pos"])')
         only_demo_sliding = f"python3 -c {shlex.quote(_SLIDING_ACCOUNT_DATA_OF_TYPE)}"
         js_sdk = js_sdk_step(p)
+        services = "\n".join(
+            f"msc3391-proxy {'' if len(instances) == 1 else 'abcdefgh'[i] + ' '}(msc3391_enabled = true):"
+            f"   {instance.url}   log: {rel}/{instance.log_path.name}"
+            for i, instance in enumerate(instances)
+        )
+        metrics = "".join(
+            f"curl -sS http://127.0.0.1:{port}/metrics | grep '^msc3391_proxy_[a-z_]*_total'\n"
+            for port in (instance.config["metrics"]["port"] for instance in instances)
+        )
+        last_step = ""
+        if len(instances) > 1:
+            database = instances[0].config["store"]["url"].partition("@")[2]
+            services += (
+                f"\nPostgreSQL (the instances' one store):   {database}"
+                f"\nnginx (msc3391-proxy nginx-config):  {front}   config: {rel}/nginx-msc3391-proxy.conf"
+            )
+            last_step = f"""# 12. Every step above went through nginx, round-robin over the instances (step 11
+#     shows each one's share). Kill instance a: b serves on, and knows everything:
+kill -9 {instances[0].process.pid}; sleep 1; {curl("GET", data_url, a)}
+{curl("PUT", data_url, a, {"colour": "green"})}; {curl("DELETE", delete_url, a)}; {curl("GET", data_url, a)}
+"""
         # The pos comes from the shell variable: close the quoted URL around it.
-        d_next = sliding_curl(p, d, "POS").replace("pos=POS'", "pos='\"$POS\"")
+        d_next = sliding_curl(p, d, "POS").replace("pos=POS'", 'pos=\'"$POS"')
         print(
             f"""
 Synapse {SYNAPSE_VERSION} (its own MSC3391 flag off): {synapse.url}   log: {rel}/synapse/homeserver.log
-msc3391-proxy (msc3391_enabled = true):     {proxy.url}   log: {rel}/{proxy.log_path.name}
+{services}
 
 Proxy URL: {p}
 {user} (password "password")
@@ -203,17 +354,12 @@ POS=$({sliding_curl(p, d, d_pos)} | {pos_of})
 #     returns (it waits for the deletion to come back over its sync, which the proxy sends):
 {js_sdk}
 # 11. The proxy's metrics (deletes, acknowledgements, requests by route):
-curl -sS http://127.0.0.1:{metrics_port}/metrics | grep '^msc3391_proxy_[a-z_]*_total'
-
-Running; Ctrl-C stops both.
+{metrics}{last_step}
+Running; Ctrl-C stops everything.
 """,
             flush=True,
         )
-        while synapse.running and proxy.running:
-            time.sleep(0.5)
-        say("Synapse exited unexpectedly" if not synapse.running else "the proxy exited unexpectedly")
-        print(synapse.log_tail(20) if not synapse.running else proxy.log[-3000:], file=sys.stderr)
-        return 1
+        return _wait_while_running(running, killable=instances[0] if len(instances) > 1 else None)
     except KeyboardInterrupt:
         print()
         return 0
@@ -222,9 +368,7 @@ Running; Ctrl-C stops both.
         return 1
     finally:
         say("stopping ...")
-        if proxy is not None:
-            proxy.stop()
-        synapse.stop()
+        stack.close()
         say("stopped")
 
 
