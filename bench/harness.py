@@ -237,6 +237,12 @@ end
 function init(args)
   prefix = args[1]
   per_thread = tonumber(args[2])
+  method = args[3] or "DELETE"
+  body = nil
+  if method == "PUT" then
+    wrk.headers["Content-Type"] = "application/json"
+    body = "{}"
+  end
   n = 0
   wraps = 0
 end
@@ -247,7 +253,7 @@ function request()
     k = ((n - 1) % per_thread) + 1
     wraps = wraps + 1
   end
-  return wrk.format("DELETE", prefix .. tid .. "." .. k)
+  return wrk.format(method, prefix .. tid .. "." .. k, nil, body)
 end
 """
 
@@ -322,14 +328,18 @@ class Wrk:
         headers: Sequence[str] = (),
         delete_prefix: str | None = None,
         delete_per_thread: int = 0,
+        delete_method: str = "DELETE",
         threads: int | None = None,
         timeout: int = 60,
         cpu: CpuMeter | None = None,
         side_cpu: CpuMeter | None = None,
         body: bytes | None = None,
     ) -> WrkResult:
-        """`body`: POST it (JSON) instead of a GET. `side_cpu`: other processes whose CPU
-        over the run is reported too (`extra["side_cpu_s"]`), e.g. one that should idle."""
+        """`body`: POST it (JSON) instead of a GET. `delete_prefix`: each request is a
+        `delete_method` (DELETE, PUT {} or GET) of a path of its own, the prefix followed
+        by the thread's number and a counter up to `delete_per_thread`. `side_cpu`: other
+        processes whose CPU over the run is reported too (`extra["side_cpu_s"]`), e.g.
+        one that should idle."""
         threads = threads or (1 if connections < 8 else 2)
         argv = [self.binary, "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s"]
         argv += ["--timeout", f"{timeout}s"]
@@ -337,6 +347,7 @@ class Wrk:
             argv += ["-H", header]
         if delete_prefix is not None:
             argv += ["-s", str(self.delete_script), url, "--", delete_prefix, str(delete_per_thread)]
+            argv.append(delete_method)
         elif body is not None:
             argv += ["-s", str(self.post_script(body)), url]
         else:

@@ -5,7 +5,9 @@ the proxy, as deployed) and one with it on (the reference for the DELETE). Targe
 Synapse directly, nginx as a plain reverse proxy, and the proxy. For the DELETE,
 "directly" and "nginx" reach the Synapse with the flag on (its own DELETE), the
 proxy reaches the one with it off (whoami, device list, PUT {} and two store
-transactions per delete).
+transactions per delete). The DELETE's floor: the homeserver calls that delete needs
+(the type's GET and the device list, concurrently, then the PUT {}), each measured alone
+at 1 conn on the Synapse behind the proxy, in the same interleaved run.
 """
 
 from __future__ import annotations
@@ -173,7 +175,23 @@ def run(settings: Settings, workdir: Path, wrk: Wrk, proxy_factory: Any) -> dict
                 warmup=False,
             )
 
+        def floor_workload(key: str, label: str, method: str, seconds: int) -> Workload:
+            """`method` of a type of its own on every request, none of them set (a GET then
+            misses Synapse's caches, as the DELETE's GET of a type just written does)."""
+
+            def prepare(target: Target, rep: int) -> dict[str, Any]:
+                return {
+                    "delete_prefix": f"/_matrix/client/v3/user/{user}/account_data/bench.{key}.{rep}.",
+                    "delete_method": method,
+                    "delete_per_thread": 1_000_000,  # never reached
+                }
+
+            return Workload(
+                key, label, "/", 1, seconds, auth, prepare=prepare, targets=("direct",), warmup=False
+            )
+
         s = settings.synapse_seconds
+        d = settings.delete_seconds
         workloads = [
             Workload("whoami", "whoami, 8 conns", "/_matrix/client/v3/account/whoami", 8, s, auth),
             Workload(
@@ -195,12 +213,28 @@ def run(settings: Settings, workdir: Path, wrk: Wrk, proxy_factory: Any) -> dict
             # Both are targets (issue 13): p50 within 1.5x Synapse's own at 1 and at 8.
             delete_workload(8, settings.delete_seconds),
             delete_workload(1, settings.delete_seconds),
+            # The floor of a delete through a homeserver without MSC3391: the calls the
+            # proxy must make, each alone at 1 conn, on the Synapse behind it.
+            floor_workload("floor_get", "floor: GET of a type, 1 conn", "GET", d),
+            Workload(
+                "floor_devices",
+                "floor: GET /devices, 1 conn",
+                "/_matrix/client/v3/devices",
+                1,
+                d,
+                auth,
+                targets=("direct",),
+            ),
+            floor_workload("floor_put", "floor: PUT {}, 1 conn", "PUT", d),
         ]
 
         def target_for(workload: Workload, target: Target) -> Target:
             return delete_targets[target.key] if workload.key.startswith("delete") else target
 
-        say("Synapse: whoami, account data GET, incremental sync, DELETE; targets interleaved")
+        say(
+            "Synapse: whoami, account data GET, incremental sync, DELETE, the DELETE's floor;"
+            " targets interleaved"
+        )
         results = run_interleaved(
             wrk,
             workloads,

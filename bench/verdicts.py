@@ -223,6 +223,29 @@ def _synapse(results: dict[str, Any]) -> list[Verdict]:
                 r is not None and r <= 1.5,
             )
         )
+    floor = [
+        syn.get(key, {}).get("direct", {}).get("p50_ms")
+        for key in ("floor_get", "floor_devices", "floor_put")
+    ]
+    own = syn.get("delete_c1", {}).get("direct", {}).get("p50_ms")
+    if None not in floor and own:
+        get_ms, devices_ms, put_ms = floor
+        overlapped = max(get_ms, devices_ms) + put_ms
+        serial = get_ms + devices_ms + put_ms
+        out.append(
+            Verdict(
+                "13.3",
+                "… the least a proxy over a homeserver without MSC3391 can take, 1 conn: Synapse's own"
+                " p50s of the delete's calls, the two reads overlapped (max(GET, GET /devices) + PUT {})"
+                " or, as one Synapse process serves them on one core, one after the other (the sum),"
+                " vs its DELETE",
+                "none (the floor under the 1-conn target)",
+                f"{_x(overlapped / own)} to {_x(serial / own)} (max({get_ms:.1f}, {devices_ms:.1f})"
+                f" + {put_ms:.1f} to {serial:.1f} ms, vs {own:.1f} ms)",
+                None,
+                reference=True,
+            )
+        )
     for key, label in (
         ("whoami", "whoami"),
         ("account_data_get", "account data GET"),
