@@ -59,6 +59,9 @@ SLIDING_BODY = {
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    # Once: a second Ctrl-C (or a signal forwarded twice) must not cut the clean-up short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
