@@ -122,6 +122,19 @@ async def test_acknowledgement_by_delivery_and_tombstone_cleanup(store: Deletion
     assert not store.has_pending(ALICE, "D3")
 
 
+async def test_acknowledging_more_stream_ids_than_a_statement_may_bind(store: DeletionStore) -> None:
+    """A response may carry thousands of deletes; one statement binds at most 32,767
+    parameters in PostgreSQL, and 32,766 in SQLite (250,000 as Debian builds it)."""
+    first = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "D3"])
+    second = await store.begin_delete(ALICE, ROOM, "b", "D1", ["D1", "D2", "D3"])
+    for sid in (first, second):
+        await store.commit_delete(sid)
+    proof = [*range(second + 1, second + 260_000), second, first]
+    assert await store.acknowledge_stream_ids(ALICE, "D2", proof) == 2
+    assert await rows(store) == {(first, "a", None, "D3"), (second, "b", ROOM, "D3")}
+    assert not store.has_pending(ALICE, "D2")
+
+
 async def test_acknowledgement_by_get(store: DeletionStore) -> None:
     g = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
     r = await store.begin_delete(ALICE, ROOM, "a", "D1", ["D1", "D2"])

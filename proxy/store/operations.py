@@ -386,8 +386,12 @@ class SqlStore(IndexedAnswers):
         )
         return await self._acknowledge(
             user_id,
-            f"user_id = ? AND device_id = ? AND stream_id IN ({delivered})",
-            (user_id, device_id, user_id, device_id, since),
+            [
+                (
+                    f"user_id = ? AND device_id = ? AND stream_id IN ({delivered})",
+                    (user_id, device_id, user_id, device_id, since),
+                )
+            ],
         )
 
     async def acknowledge_type(
@@ -397,27 +401,36 @@ class SqlStore(IndexedAnswers):
             return 0
         return await self._acknowledge(
             user_id,
-            "device_id = ? AND " + _SAME_TYPE + " AND stream_id IN"
-            " (SELECT stream_id FROM account_data_tombstones WHERE state = 'done')",
-            (device_id, user_id, room_id, account_data_type),
+            [
+                (
+                    "device_id = ? AND " + _SAME_TYPE + " AND stream_id IN"
+                    " (SELECT stream_id FROM account_data_tombstones WHERE state = 'done')",
+                    (device_id, user_id, room_id, account_data_type),
+                )
+            ],
         )
 
     async def acknowledge_stream_ids(self, user_id: str, device_id: str, stream_ids: Sequence[int]) -> int:
         if not stream_ids or not self.has_pending(user_id, device_id):
             return 0
-        marks = ", ".join("?" * len(stream_ids))
-        return await self._acknowledge(
-            user_id,
-            f"user_id = ? AND device_id = ? AND stream_id IN ({marks})",
-            (user_id, device_id, *stream_ids),
-        )
+        ids = sorted(set(stream_ids))
+        selections = []
+        for start in range(0, len(ids), _IDS_PER_STATEMENT):
+            chunk = ids[start : start + _IDS_PER_STATEMENT]
+            marks = ", ".join("?" * len(chunk))
+            where = f"user_id = ? AND device_id = ? AND stream_id IN ({marks})"
+            selections.append((where, (user_id, device_id, *chunk)))
+        return await self._acknowledge(user_id, selections)
 
-    async def _acknowledge(self, user_id: str, where: str, args: Sequence[object]) -> int:
+    async def _acknowledge(self, user_id: str, selections: Sequence[Statement]) -> int:
+        """Removes the rows each (WHERE clause, arguments) selects, in one transaction."""
         async with self.db.transaction(durable=False) as tx:
-            gone = await tx.fetchall(
-                f"DELETE FROM account_data_unsynced_deletes WHERE {where} RETURNING stream_id, device_id",
-                args,
-            )
+            gone = []
+            for where, args in selections:
+                gone += await tx.fetchall(
+                    f"DELETE FROM account_data_unsynced_deletes WHERE {where} RETURNING stream_id, device_id",
+                    args,
+                )
             await tx.executemany(
                 "DELETE FROM sync_deliveries WHERE user_id = ? AND device_id = ? AND stream_id = ?",
                 [(user_id, device, stream_id) for stream_id, device in gone],
