@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any
 
 from rig.postgres import PostgresServer
 from rig.processes import free_port
-from rig.proxy_process import ProxyProcess
+from rig.proxy_process import ProxyProcess, nginx_config
 
 from . import pg
 from .harness import (
@@ -49,14 +47,8 @@ BYPASS_WORKERS = 1  # both nginx of the bypass run: one worker each, as the pass
 def generate(code: Path, config_path: Path, listen_port: int, proxies: Sequence[int]) -> str:
     """`python -m proxy nginx-config` for this proxy config (its upstream: the homeserver),
     run from the run's copy of the proxy's code."""
-    argv = [sys.executable, "-m", "proxy", "nginx-config", "--config", str(config_path)]
-    argv += ["--listen", f"127.0.0.1:{listen_port}"]
-    for port in proxies:
-        argv += ["--proxy", f"127.0.0.1:{port}"]
-    done = subprocess.run(argv, cwd=code, capture_output=True, text=True, timeout=60, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"nginx-config failed ({done.returncode}): {done.stderr[-2000:]}")
-    return done.stdout
+    addresses = [f"127.0.0.1:{port}" for port in proxies]
+    return nginx_config(config_path, listen_port, proxies=addresses, code_dir=code)
 
 
 def _get(url: str) -> bytes:

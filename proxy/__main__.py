@@ -9,7 +9,9 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from . import nginx_config
 from .config import Config, ConfigError, PostgresURL, load_config, postgres_url
@@ -33,22 +35,26 @@ async def inspect(config: Config, as_json: bool) -> str:
     return render_json(report) if as_json else render_text(report)
 
 
-def migrate_store(config: Config, target: PostgresURL | None) -> int:
-    if target is None:
-        print("msc3391-proxy: config error: --to: migrate-store needs postgresql://...", file=sys.stderr)
-        return 2
+async def migrate_store(config: Config, target: PostgresURL) -> str:
+    copied = await copy_to_postgres(config.store.path, target)
+    return (
+        f"copied {copied.tombstones} tombstone(s), {copied.rows} row(s) and {copied.deliveries} delivery"
+        f" record(s) from {config.store.path} to {target}"
+    )
+
+
+def run_store_command(work: Coroutine[Any, Any, str]) -> int:
+    """Prints what a command on the store returns: exit status 0; 2 for a store that is
+    misconfigured, 1 for one that fails."""
     try:
-        copied = asyncio.run(copy_to_postgres(config.store.path, target))
+        output = asyncio.run(work)
     except StoreConfigError as e:
         print(f"msc3391-proxy: config error: {e}", file=sys.stderr)
         return 2
     except StoreError as e:
         print(f"msc3391-proxy: store error: {e}", file=sys.stderr)
         return 1
-    print(
-        f"copied {copied.tombstones} tombstone(s), {copied.rows} row(s) and {copied.deliveries} delivery"
-        f" record(s) from {config.store.path} to {target}"
-    )
+    print(output)
     return 0
 
 
@@ -138,19 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msc3391-proxy: config error: {e}", file=sys.stderr)
         return 2
     if args.command == "migrate-store":
-        return migrate_store(config, target)
+        if target is None:
+            print("msc3391-proxy: config error: --to: migrate-store needs postgresql://...", file=sys.stderr)
+            return 2
+        return run_store_command(migrate_store(config, target))
     if args.command == "nginx-config":
         return print_nginx_config(config, args)
     if args.command == "inspect":
-        try:
-            print(asyncio.run(inspect(config, args.json)))
-        except StoreConfigError as e:
-            print(f"msc3391-proxy: config error: {e}", file=sys.stderr)
-            return 2
-        except StoreError as e:
-            print(f"msc3391-proxy: store error: {e}", file=sys.stderr)
-            return 1
-        return 0
+        return run_store_command(inspect(config, args.json))
     try:
         handler = setup_logging(
             config.proxy.log_level, config.proxy.log_format, config.proxy.log_file or None

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +124,27 @@ class ProxyProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def nginx_config(
+    config_path: Path,
+    listen_port: int,
+    *,
+    proxies: Sequence[str] = (),
+    server_name: str | None = None,
+    code_dir: Path = REPO_ROOT,
+) -> str:
+    """What an operator runs: `msc3391-proxy nginx-config --config FILE --listen
+    127.0.0.1:PORT`, with `--proxy HOST:PORT` per instance (none: the config's own
+    listener) and `--server-name`, run from `code_dir`'s `proxy` package. Its output;
+    RuntimeError if it fails or writes anything to standard error."""
+    argv = [sys.executable, "-m", "proxy", "nginx-config", "--config", str(config_path)]
+    argv += ["--listen", f"127.0.0.1:{listen_port}"]
+    for proxy in proxies:
+        argv += ["--proxy", proxy]
+    if server_name is not None:
+        argv += ["--server-name", server_name]
+    done = subprocess.run(argv, cwd=code_dir, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0 or done.stderr:
+        raise RuntimeError(f"nginx-config failed ({done.returncode}): {done.stderr[-2000:]}")
+    return done.stdout

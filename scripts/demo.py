@@ -28,7 +28,6 @@ import json
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,7 +108,7 @@ def _parse_arguments() -> argparse.Namespace:
         help="N > 1: N instances on one PostgreSQL, behind nginx (default: 1, SQLite)",
     )
     arguments = parser.parse_args()
-    if not 1 <= arguments.instances <= 8:
+    if not 1 <= arguments.instances <= len(INSTANCE_NAMES):
         parser.error("--instances takes 1 to 8")
     return arguments
 
@@ -129,19 +128,8 @@ def _programs_for_instances() -> tuple[str, Path]:
     return nginx, bindir
 
 
-def _nginx_config(config_path: Path, listen_port: int, instances: list[Any]) -> str:
-    """What the README tells an operator to run: `msc3391-proxy nginx-config`, one
-    `--proxy` per instance."""
-    command = [str(ROOT / ".venv/bin/msc3391-proxy"), "nginx-config", "--config", str(config_path)]
-    command += ["--listen", f"127.0.0.1:{listen_port}"]
-    for instance in instances:
-        command += ["--proxy", f"{instance.host}:{instance.port}"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"msc3391-proxy nginx-config failed: {done.stderr.strip()}")
-    return done.stdout
-
-
+# The instances' names (a, b, ...), as the README's several-instances section has them.
+INSTANCE_NAMES = "abcdefgh"
 # What the demo started, by name, to watch; each is stopped by the demo's ExitStack.
 Running = list[tuple[str, Any]]
 
@@ -178,10 +166,10 @@ def _start_instances(
             upstream_url,
             msc3391=True,
             port=port,
-            name="proxy" if count == 1 else f"proxy-{'abcdefgh'[i]}",
+            name="proxy" if count == 1 else f"proxy-{INSTANCE_NAMES[i]}",
             extra_toml=f"{store}[metrics]\nenabled = true\nport = {metrics_port}\n",
         )
-        say(f"starting the proxy{'' if count == 1 else ' ' + 'abcdefgh'[i]} ...")
+        say(f"starting the proxy{'' if count == 1 else ' ' + INSTANCE_NAMES[i]} ...")
         stack.callback(instance.stop)
         instance.start()
         running.append((f"the proxy on port {instance.port}", instance))
@@ -193,10 +181,13 @@ def _start_nginx(instances: list[Any], running: Running, stack: contextlib.ExitS
     """nginx on 127.0.0.1:8009 (or a free port) running the generated configuration."""
     from rig.nginx import Nginx
     from rig.processes import free_port, port_is_free
+    from rig.proxy_process import nginx_config
 
     binary, _ = _programs_for_instances()
     port = 8009 if port_is_free(8009) else free_port()
-    text = _nginx_config(instances[0].config_path, port, instances)
+    # What the README tells an operator to run: one `--proxy` per instance.
+    proxies = [f"{instance.host}:{instance.port}" for instance in instances]
+    text = nginx_config(instances[0].config_path, port, proxies=proxies)
     (DEMO_DIR / "nginx-msc3391-proxy.conf").write_text(text)
     nginx = Nginx(DEMO_DIR / "nginx", text, [port], binary=binary)
     say("starting nginx ...")
@@ -285,7 +276,7 @@ def main() -> int:
         only_demo_sliding = f"python3 -c {shlex.quote(_SLIDING_ACCOUNT_DATA_OF_TYPE)}"
         js_sdk = js_sdk_step(p)
         services = "\n".join(
-            f"msc3391-proxy {'' if len(instances) == 1 else 'abcdefgh'[i] + ' '}(msc3391_enabled = true):"
+            f"msc3391-proxy {'' if len(instances) == 1 else INSTANCE_NAMES[i] + ' '}(msc3391_enabled = true):"
             f"   {instance.url}   log: {rel}/{instance.log_path.name}"
             for i, instance in enumerate(instances)
         )

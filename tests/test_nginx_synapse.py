@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -24,11 +22,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from rig import REPO_ROOT
 from rig.accounts import login, register
 from rig.nginx import Nginx
 from rig.processes import free_port
-from rig.proxy_process import ProxyProcess
+from rig.proxy_process import ProxyProcess, nginx_config
 from rig.synapse import SynapseServer
 from tests.matrix import MSC3391, Device, account_data_path, global_entries, quote, wait_for_match
 from tests.sliding_client import Connection, entries_of
@@ -53,17 +50,7 @@ def nginx_binary(require: Callable[[str], str]) -> str:
 
 def generated_config(proxy: ProxyProcess, port: int) -> str:
     """The command's output for the proxy's own configuration file."""
-    command = ["nginx-config", "--config", str(proxy.config_path), "--listen", f"127.0.0.1:{port}"]
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy", *command, "--server-name", "localhost"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0 and done.stderr == "", done.stderr
-    return done.stdout
+    return nginx_config(proxy.config_path, port, server_name="localhost")
 
 
 @pytest.fixture

@@ -13,8 +13,6 @@ import asyncio
 import json
 import random
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -25,12 +23,11 @@ import aiohttp
 import pytest
 
 from proxy.rewrite import NUDGE_TYPE
-from rig import REPO_ROOT
 from rig.accounts import Account
 from rig.nginx import Nginx
 from rig.postgres import PostgresServer
 from rig.processes import free_port
-from rig.proxy_process import ProxyProcess
+from rig.proxy_process import ProxyProcess, nginx_config
 from rig.synapse import SynapseServer
 from tests.matrix import MSC3391, Device, Reply, account_data_path, empty_entries, entries_of, request
 from tests.rig_fixtures import POSTGRES_TEST_USER
@@ -90,17 +87,6 @@ Deploy = Callable[[str], Awaitable[Deployment]]
 Accounts = Callable[[int], Awaitable[list[Account]]]
 
 
-def nginx_config(config_path: Path, listen_port: int, proxies: list[ProxyProcess]) -> str:
-    """What an operator runs: `msc3391-proxy nginx-config`, one `--proxy` per instance."""
-    command = [sys.executable, "-m", "proxy", "nginx-config", "--config", str(config_path)]
-    command += ["--listen", f"127.0.0.1:{listen_port}"]
-    for proxy in proxies:
-        command += ["--proxy", f"{proxy.host}:{proxy.port}"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 @pytest.fixture
 def deploy(
     synapse: SynapseServer,
@@ -119,7 +105,8 @@ def deploy(
             extra = f"[store]\nurl = {json.dumps(database_url)}\n[metrics]\nenabled = true\nport = {port}\n"
             instances.append(await asyncio.to_thread(proxy_process, synapse.url, True, extra))
         listen = free_port()
-        text = await asyncio.to_thread(nginx_config, instances[0].config_path, listen, instances)
+        proxies = [f"{p.host}:{p.port}" for p in instances]
+        text = await asyncio.to_thread(nginx_config, instances[0].config_path, listen, proxies=proxies)
         nginx = Nginx(tmp_path / f"nginx-{len(started)}", text, [listen], binary=binary)
         started.append(nginx)
         await asyncio.to_thread(nginx.start)
