@@ -43,9 +43,9 @@ async def migrate_store(config: Config, target: PostgresURL) -> str:
     )
 
 
-def run_store_command(work: Coroutine[Any, Any, str]) -> int:
-    """Prints what a command on the store returns: exit status 0; 2 for a store that is
-    misconfigured, 1 for one that fails."""
+def run_on_store(work: Coroutine[Any, Any, str | None]) -> int:
+    """Runs a command that uses the store and prints what it returns, if anything: exit
+    status 0; 2 for a store that is misconfigured, 1 for one that fails."""
     try:
         output = asyncio.run(work)
     except StoreConfigError as e:
@@ -54,7 +54,8 @@ def run_store_command(work: Coroutine[Any, Any, str]) -> int:
     except StoreError as e:
         print(f"msc3391-proxy: store error: {e}", file=sys.stderr)
         return 1
-    print(output)
+    if output is not None:
+        print(output)
     return 0
 
 
@@ -147,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         if target is None:
             print("msc3391-proxy: config error: --to: migrate-store needs postgresql://...", file=sys.stderr)
             return 2
-        return run_store_command(migrate_store(config, target))
+        return run_on_store(migrate_store(config, target))
     if args.command == "nginx-config":
         return print_nginx_config(config, args)
     if args.command == "inspect":
-        return run_store_command(inspect(config, args.json))
+        return run_on_store(inspect(config, args.json))
     try:
         handler = setup_logging(
             config.proxy.log_level, config.proxy.log_format, config.proxy.log_file or None
@@ -162,13 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     try:
-        asyncio.run(serve(config, handler))
-    except StoreConfigError as e:
-        print(f"msc3391-proxy: config error: {e}", file=sys.stderr)
-        return 2
-    except StoreError as e:
-        print(f"msc3391-proxy: store error: {e}", file=sys.stderr)
-        return 1
+        return run_on_store(serve(config, handler))
     except OSError as e:
         print(
             f"msc3391-proxy: cannot listen on {config.listen.host}:{config.listen.port}: {e.strerror}",
