@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -104,6 +105,11 @@ def print_nginx_config(config: Config, args: argparse.Namespace) -> int:
 
 async def serve(config: Config, log_handler: logging.Handler) -> None:
     async with ProxyServer(config):
+        # What exists now lives as long as the process (modules, the route table, the
+        # store's indexes as loaded): kept out of the collector's full scans, which would
+        # otherwise walk it every few hundred requests (measured: ~15 % of the CPU of a
+        # small owned request).
+        gc.freeze()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

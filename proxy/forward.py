@@ -11,8 +11,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Protocol
 
 import aiohttp
@@ -97,20 +97,95 @@ class UpstreamReply:
         return upstream_refusal(self.status, self.body, headers, what)
 
 
-@asynccontextmanager
-async def transport_errors() -> AsyncIterator[None]:
-    """Map transport failures to the Matrix errors a client expects of a gateway."""
-    try:
-        yield
-    except TimeoutError:
-        raise gateway_timeout() from None
-    except aiohttp.ClientResponseError as e:
+def _gateway_error(exc: BaseException) -> MatrixError | None:
+    """The Matrix error a client expects of a gateway for a transport failure (None:
+    `exc` is not one)."""
+    if isinstance(exc, TimeoutError):
+        return gateway_timeout()
+    if isinstance(exc, aiohttp.ClientResponseError):
         # The homeserver's answer could not be parsed as HTTP.
-        log.warning("bad response from the homeserver: %s", e.message)
-        raise bad_gateway("The homeserver sent an invalid response") from None
-    except aiohttp.ClientError as e:
-        log.warning("homeserver unreachable: %s", type(e).__name__)
-        raise bad_gateway() from None
+        log.warning("bad response from the homeserver: %s", exc.message)
+        return bad_gateway("The homeserver sent an invalid response")
+    if isinstance(exc, aiohttp.ClientError):
+        log.warning("homeserver unreachable: %s", type(exc).__name__)
+        return bad_gateway()
+    return None
+
+
+class _TransportErrors:
+    """`async with transport_errors():` maps transport failures to Matrix errors.
+
+    Classes, this one and `_Exchange`, rather than `asynccontextmanager`s: every request
+    enters them, and a generator-based one costs an async generator (and the event loop's
+    bookkeeping of it) each time."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None and (error := _gateway_error(exc)) is not None:
+            raise error from None
+
+
+_TRANSPORT_ERRORS = _TransportErrors()
+
+
+def transport_errors() -> _TransportErrors:
+    return _TRANSPORT_ERRORS
+
+
+class _Exchange:
+    """`Upstream.open`'s request: entered, the homeserver's response with its body
+    unread; left, the connection released. A failure on the way, in the caller's block
+    included, leaves as a Matrix error."""
+
+    __slots__ = ("_request", "_sending", "_started", "_streamed", "_upstream")
+
+    def __init__(
+        self, upstream: Upstream, request: web.BaseRequest, sending: Any, streamed: _StreamedBody | None
+    ) -> None:
+        self._upstream = upstream
+        self._request = request
+        self._sending = sending  # aiohttp's request context manager, not entered yet
+        self._streamed = streamed
+        self._started = time.monotonic()
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        try:
+            response = await self._sending.__aenter__()
+        except BaseException as e:
+            self._raise_instead(e)
+            raise
+        route = self._request.get(ROUTE)
+        self._upstream.observe(route.name if route else "forward", time.monotonic() - self._started)
+        return response
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self._sending.__aexit__(exc_type, exc, tb)
+        except BaseException as e:
+            self._raise_instead(e)
+            raise
+        if exc is not None:
+            self._raise_instead(exc)
+
+    def _raise_instead(self, exc: BaseException) -> None:
+        """Raise what the client should be told instead of `exc`, if anything else."""
+        error = _gateway_error(exc)
+        if isinstance(error or exc, MatrixError) and self._streamed is not None and self._streamed.timed_out:
+            # The client's body stalled: aiohttp abandoned the upstream request (its
+            # connection is closed, not reused) and reports a broken connection. The
+            # client is the one to be told (a relayed answer already under way is cut
+            # off by `relay` instead, as for any body that breaks off).
+            raise ClientTooSlow() from None
+        if error is not None:
+            raise error from None
 
 
 class Upstream:
@@ -189,8 +264,7 @@ class Upstream:
             encoded=True,
         )
 
-    @asynccontextmanager
-    async def open(
+    def open(
         self,
         request: web.BaseRequest,
         *,
@@ -198,8 +272,9 @@ class Upstream:
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         method: str | None = None,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send the client's request upstream; yields the response with its body unread.
+    ) -> _Exchange:
+        """`async with upstream.open(request) as response:` sends the client's request
+        upstream; `response` is the homeserver's, its body unread.
 
         The body is the client's, streamed, unless `body` is given (one the proxy
         already read to inspect it). `headers` override single headers; `method`
@@ -219,32 +294,19 @@ class Upstream:
             data = streamed.chunks()
         else:
             data = None
-        started = time.monotonic()
-        try:
-            async with transport_errors():
-                async with self.session.request(
-                    method or request.method,
-                    self.url_for(request.raw_path),
-                    headers=out_headers,
-                    data=data,
-                    allow_redirects=False,
-                    timeout=self.timeout(read_timeout),
-                    # aiohttp would otherwise add Content-Type or chunk a known length.
-                    skip_auto_headers=(hdrs.CONTENT_TYPE,),
-                ) as response:
-                    route = request.get(ROUTE)
-                    self._observe(route.name if route else "forward", time.monotonic() - started)
-                    yield response
-        except MatrixError:
-            # The client's body stalled: aiohttp abandoned the upstream request (its
-            # connection is closed, not reused) and reports a broken connection. The
-            # client is the one to be told (a relayed answer already under way is cut
-            # off by `relay` instead, as for any body that breaks off).
-            if streamed is not None and streamed.timed_out:
-                raise ClientTooSlow() from None
-            raise
+        sending = self.session.request(
+            method or request.method,
+            self.url_for(request.raw_path),
+            headers=out_headers,
+            data=data,
+            allow_redirects=False,
+            timeout=self.timeout(read_timeout),
+            # aiohttp would otherwise add Content-Type or chunk a known length.
+            skip_auto_headers=(hdrs.CONTENT_TYPE,),
+        )
+        return _Exchange(self, request, sending, streamed)
 
-    def _observe(self, route: str, seconds: float) -> None:
+    def observe(self, route: str, seconds: float) -> None:
         child = self._latency_by_route.get(route)
         if child is None:
             child = self._latency_by_route[route] = self._latency.labels(route)

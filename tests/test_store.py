@@ -179,6 +179,48 @@ async def test_devices_the_homeserver_no_longer_lists_are_dropped(store: Deletio
     assert {r[3] for r in await rows(store)} == {"D2"}
 
 
+async def test_the_index_after_each_write_says_what_a_fresh_read_of_the_rows_says(
+    make_store: MakeStore,
+) -> None:
+    """The in-memory answer a sync's fast path trusts, after deletes that add rows, forget
+    devices the homeserver no longer lists and echo to the deleting device, is exactly
+    what the store's file holds, as a store opened afresh reads it."""
+    s = make_store()
+    await s.open()
+    devices = ["D1", "D2", "D3", "GONE", "LATER"]
+    first = await s.begin_delete(ALICE, None, "a", "D1", ["D1", "D2", "GONE"])
+    await s.commit_delete(first)
+    second = await s.begin_delete(ALICE, ROOM, "b", "D2", ["D1", "D2", "D3"])  # GONE is gone
+    await s.echo_delete(ALICE, None, "never-set", "LATER")
+    await s.begin_delete(BOB, None, "a", None, ["B1"])
+    written = {d: s.has_pending(ALICE, d) for d in devices}
+    assert {r.device_id for r in await s.unsynced_rows(ALICE)} == {d for d, has in written.items() if has}
+    assert written == {"D1": True, "D2": True, "D3": True, "GONE": False, "LATER": True}
+    await s.commit_delete(second)
+    await s.close()
+
+    fresh = make_store()
+    await fresh.open()
+    assert {d: fresh.has_pending(ALICE, d) for d in devices} == written
+    assert fresh.has_pending(BOB, "B1")
+    await fresh.close()
+
+
+async def test_a_durable_transaction_syncs_its_commit_and_the_others_do_not(tmp_path: Path) -> None:
+    """synchronous=FULL (2) for a durable transaction, NORMAL (1) otherwise, whatever the
+    order: a delete's intent must be on disk before the homeserver is written to."""
+    store = sqlite_store(tmp_path / "store.sqlite3")
+    await store.open()
+    seen = []
+    for durable in (True, False, False, True, True, False, True):
+        async with store.db.transaction(durable=durable) as tx:
+            row = await tx.fetchone("PRAGMA synchronous")
+            assert row is not None
+            seen.append(row[0])
+    await store.close()
+    assert seen == [2, 1, 1, 2, 2, 1, 2]
+
+
 async def test_state_survives_reopening(make_store: MakeStore) -> None:
     s = make_store()
     await s.open()

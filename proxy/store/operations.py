@@ -210,10 +210,19 @@ class SqlStore(IndexedAnswers):
         async with self.db.reading() as tx:
             await self._load(tx)
 
-    async def _refresh(self, tx: Transaction, user_id: str) -> None:
+    async def _refresh(self, tx: Transaction, user_id: str, *, known: Iterable[str] | None = None) -> None:
+        """Bring the index's entry for `user_id` up to date with the write `tx` made.
+
+        `known`: the devices with rows after a write that only added rows (or forgot
+        whole devices), worked out from the index. With one process per database and the
+        entry fresh, the index is the truth, and the query is spared (a 100-device delete
+        pays it after every write otherwise); else the rows are read."""
         token = self.index.token(user_id)
-        rows = await tx.fetchall(_DEVICES_WITH_ROWS, (user_id, user_id))
-        self.index.set_devices(user_id, (row[0] for row in rows), token)
+        if known is not None and not self.db.shared and not self.index.is_stale(user_id):
+            self.index.set_devices(user_id, known, token)
+        else:
+            rows = await tx.fetchall(_DEVICES_WITH_ROWS, (user_id, user_id))
+            self.index.set_devices(user_id, (row[0] for row in rows), token)
         await tx.announce(user_id)
 
     def _changed_elsewhere(self, user_id: str) -> None:
@@ -258,7 +267,9 @@ class SqlStore(IndexedAnswers):
         deleting_device: str | None,
         devices: Sequence[str],
     ) -> int:
-        vanished = sorted(self.index.devices_of(user_id) - set(devices))
+        had_rows = self.index.devices_of(user_id)
+        vanished = sorted(had_rows - set(devices))
+        told = sorted({device for device in devices if device != deleting_device})
         async with self.db.transaction() as tx:
             found = await tx.fetchone(
                 "INSERT INTO account_data_tombstones"
@@ -269,15 +280,10 @@ class SqlStore(IndexedAnswers):
             assert found is not None
             stream_id = int(found[0])
             await tx.executemany(
-                _INSERT_ROW,
-                [
-                    (stream_id, user_id, account_data_type, room_id, device)
-                    for device in sorted(set(devices))
-                    if device != deleting_device
-                ],
+                _INSERT_ROW, [(stream_id, user_id, account_data_type, room_id, device) for device in told]
             )
             await _run(tx, _forget_devices(user_id, vanished))
-            await self._refresh(tx, user_id)
+            await self._refresh(tx, user_id, known=(had_rows - set(vanished)).union(told))
         return stream_id
 
     async def commit_delete(self, stream_id: int) -> None:
@@ -325,7 +331,7 @@ class SqlStore(IndexedAnswers):
                 assert found is not None
             stream_id = int(found[0])
             await tx.execute(_INSERT_ROW, (stream_id, user_id, account_data_type, room_id, device_id))
-            await self._refresh(tx, user_id)
+            await self._refresh(tx, user_id, known=self.index.devices_of(user_id) | {device_id})
         return stream_id
 
     async def revive(self, user_id: str, room_id: str | None, account_data_type: str) -> None:

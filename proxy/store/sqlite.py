@@ -177,10 +177,12 @@ class SqliteDatabase:
         the WAL is synced in order, so a later durable commit makes it durable too."""
         async with self._locked():
             wanted = "FULL" if durable else "NORMAL"
+            setting = None
             if self._synchronous != wanted:
-                await self.connection.execute(f"PRAGMA synchronous = {wanted}")
+                setting = f"PRAGMA synchronous = {wanted}"
+                self._synchronous = "unknown"  # until it is known to have run
+            async with self._begin(setting) as tx:
                 self._synchronous = wanted
-            async with self._begin() as tx:
                 yield tx
 
     @contextlib.asynccontextmanager
@@ -204,8 +206,11 @@ class SqliteDatabase:
         return self.faults.last if self.faults.failing else None
 
     @contextlib.asynccontextmanager
-    async def _begin(self) -> AsyncIterator[Transaction]:
+    async def _begin(self, setting: str | None = None) -> AsyncIterator[Transaction]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any failure (caller holds the lock).
+        `setting`: a PRAGMA to run first, in the same trip to the connection's thread (a
+        delete's durable intent and its commit alternate `synchronous`: the trips, not
+        the statements, are most of a write's time).
 
         The ROLLBACK is sent whatever `in_transaction` says: a request cancelled while
         its BEGIN waits in aiosqlite's queue gets CancelledError before the BEGIN has
@@ -214,7 +219,10 @@ class SqliteDatabase:
         every later write would fail."""
         db = self.connection
         try:
-            await db.execute("BEGIN IMMEDIATE")
+            if setting is None:
+                await db.execute("BEGIN IMMEDIATE")
+            else:
+                await db.executescript(f"{setting}; BEGIN IMMEDIATE")
             yield Transaction(db)
             await db.execute("COMMIT")
         except BaseException:
