@@ -192,17 +192,22 @@ async def test_the_index_after_each_write_says_what_a_fresh_read_of_the_rows_say
     await s.commit_delete(first)
     second = await s.begin_delete(ALICE, ROOM, "b", "D2", ["D1", "D2", "D3"])  # GONE is gone
     await s.echo_delete(ALICE, None, "never-set", "LATER")
-    await s.begin_delete(BOB, None, "a", None, ["B1"])
     written = {d: s.has_pending(ALICE, d) for d in devices}
     assert {r.device_id for r in await s.unsynced_rows(ALICE)} == {d for d, has in written.items() if has}
     assert written == {"D1": True, "D2": True, "D3": True, "GONE": False, "LATER": True}
     await s.commit_delete(second)
+    # A second delete of a type replaces the first one, and B2's only row goes with it.
+    earlier = await s.begin_delete(BOB, None, "x", "B1", ["B1", "B2"])
+    await s.commit_delete(earlier)
+    await s.commit_delete(await s.begin_delete(BOB, None, "x", "B2", ["B1", "B2"]))
+    bob = {d: s.has_pending(BOB, d) for d in ("B1", "B2")}
+    assert bob == {"B1": True, "B2": False}
     await s.close()
 
     fresh = make_store()
     await fresh.open()
     assert {d: fresh.has_pending(ALICE, d) for d in devices} == written
-    assert fresh.has_pending(BOB, "B1")
+    assert {d: fresh.has_pending(BOB, d) for d in ("B1", "B2")} == bob
     await fresh.close()
 
 

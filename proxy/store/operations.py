@@ -87,6 +87,16 @@ _DEVICES_WITH_ROWS = (
     " FROM found WHERE found.device_id IS NOT NULL"
     ") SELECT device_id FROM found WHERE device_id IS NOT NULL"
 )
+# A pending delete to commit: its type, its state, whether an earlier settled delete of
+# the type is there to replace, and whether any device has yet to see it.
+_TO_COMMIT = (
+    "SELECT t.user_id, t.room_id, t.account_data_type, t.state,"
+    " EXISTS (SELECT 1 FROM account_data_tombstones e WHERE e.user_id = t.user_id"
+    "  AND COALESCE(e.room_id, '') = COALESCE(t.room_id, '')"
+    "  AND e.account_data_type = t.account_data_type AND e.state = 'done'),"
+    " EXISTS (SELECT 1 FROM account_data_unsynced_deletes u WHERE u.stream_id = t.stream_id)"
+    " FROM account_data_tombstones t WHERE t.stream_id = ?"
+)
 _INSERT_ROW = (
     "INSERT INTO account_data_unsynced_deletes (stream_id, user_id, account_data_type, room_id, device_id)"
     " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
@@ -290,19 +300,28 @@ class SqlStore(IndexedAnswers):
         # Not durable: the intent is. A commit lost with the power leaves it pending,
         # and it is settled from the homeserver's `{}` like any interrupted delete.
         async with self.db.transaction(durable=False) as tx:
-            row = await self._tombstone(tx, stream_id)
-            if row is None or row.state != "pending":
+            found = await tx.fetchone(_TO_COMMIT, (stream_id,))
+            if found is None or found[3] != "pending":
                 # Settled already (by a concurrent request, say): a second commit would
                 # remove the delete itself as an "earlier" one of its type.
                 return
-            key = (row.user_id, row.room_id, row.account_data_type)
-            await _run(tx, _remove_tombstones(_SAME_TYPE + " AND state = 'done'", key))
+            user_id, room_id, account_data_type, _, earlier, has_rows = found
+            # With this process the database's only client (its transactions one at a
+            # time), what the query found holds until the commit, and the statements it
+            # shows would change nothing are spared. Shared, another instance may act in
+            # between: they all run.
+            alone = not self.db.shared
+            if earlier or not alone:
+                key = (user_id, room_id, account_data_type)
+                await _run(tx, _remove_tombstones(_SAME_TYPE + " AND state = 'done'", key))
             await tx.execute(
                 "UPDATE account_data_tombstones SET state = 'done' WHERE stream_id = ?", (stream_id,)
             )
-            await _run(tx, _drop_if_seen([stream_id]))  # no other device to tell
-            await self._refresh(tx, row.user_id)
-        self.index.forget_intent(row.user_id, stream_id)
+            if not has_rows or not alone:
+                await _run(tx, _drop_if_seen([stream_id]))  # no other device to tell
+            # Rows went only with an earlier tombstone: otherwise the devices are as they were.
+            await self._refresh(tx, user_id, known=None if earlier else self.index.devices_of(user_id))
+        self.index.forget_intent(user_id, stream_id)
 
     async def abort_delete(self, stream_id: int) -> None:
         async with self.db.transaction(durable=False) as tx:
