@@ -62,10 +62,12 @@ class ClientTooSlow(MatrixError):
 class StoreUnavailable(MatrixError):
     """A store operation failed at run time (read-only or full disk, locked, corrupt,
     the file gone, the database unreachable): the request that needed it gets a 500
-    Matrix error; forwarding goes on."""
+    Matrix error; forwarding goes on. The cause is the operator's (the store's log and
+    `/health` name it): a client is told no more than Synapse tells it of its own
+    database, since the cause may name a file, a host or a database user."""
 
     def __init__(self, cause: object) -> None:
-        super().__init__(500, M_UNKNOWN, f"The proxy's deletion store is unavailable: {cause}")
+        super().__init__(500, M_UNKNOWN, "The proxy's deletion store is unavailable")
         self.cause = str(cause)
 
 

@@ -210,9 +210,15 @@ async def test_a_database_that_turns_connections_away_fails_operations_and_is_us
         await admin.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1", name
         )
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(StoreUnavailable) as refused:
             await store.begin_delete(ALICE, None, "t", "D1", ["D1", "D2"])
         assert store.problem() is not None
+        # PostgreSQL's reason (it may name the database, its host or its user) is the
+        # operator's to read, in the log; a client is told only that the store failed.
+        assert refused.value.cause and refused.value.cause not in refused.value.response().text
+        assert refused.value.response().text == (
+            '{"errcode":"M_UNKNOWN","error":"The proxy\'s deletion store is unavailable"}'
+        )
         await admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
 
         # The pool connects again by itself.
