@@ -211,6 +211,19 @@ async def test_the_index_after_each_write_says_what_a_fresh_read_of_the_rows_say
     await fresh.close()
 
 
+async def test_deletes_of_two_types_at_once_leave_every_told_device_pending(store: DeletionStore) -> None:
+    """Two types of one user deleted at once from different devices (each type has its
+    own lock): whichever transaction runs second must keep the first one's devices."""
+    devices = ["D1", "D2", "D3"]
+    first, second = await asyncio.gather(
+        store.begin_delete(ALICE, None, "a", "D1", devices),
+        store.begin_delete(ALICE, None, "b", "D2", devices),
+    )
+    assert {d: store.has_pending(ALICE, d) for d in devices} == {"D1": True, "D2": True, "D3": True}
+    await asyncio.gather(store.commit_delete(first), store.commit_delete(second))
+    assert {d: store.has_pending(ALICE, d) for d in devices} == {"D1": True, "D2": True, "D3": True}
+
+
 async def test_a_durable_transaction_syncs_its_commit_and_the_others_do_not(tmp_path: Path) -> None:
     """synchronous=FULL (2) for a durable transaction, NORMAL (1) otherwise, whatever the
     order: a delete's intent must be on disk before the homeserver is written to."""
