@@ -277,9 +277,12 @@ class SqlStore(IndexedAnswers):
         deleting_device: str | None,
         devices: Sequence[str],
     ) -> int:
-        vanished = sorted(self.index.devices_of(user_id) - set(devices))
         told = sorted({device for device in devices if device != deleting_device})
         async with self.db.transaction() as tx:
+            # The index as it stands inside the transaction: a delete of another type of
+            # this user may have written its rows while this one waited for the store.
+            had_rows = self.index.devices_of(user_id)
+            vanished = sorted(had_rows - set(devices))
             found = await tx.fetchone(
                 "INSERT INTO account_data_tombstones"
                 " (user_id, room_id, account_data_type, state, created_ts, instance)"
@@ -292,9 +295,6 @@ class SqlStore(IndexedAnswers):
                 _INSERT_ROW, [(stream_id, user_id, account_data_type, room_id, device) for device in told]
             )
             await _run(tx, _forget_devices(user_id, vanished))
-            # Read now, inside the transaction: a delete of another type of this user may
-            # have written its rows since this one began waiting for the store.
-            had_rows = self.index.devices_of(user_id)
             await self._refresh(tx, user_id, known=(had_rows - set(vanished)).union(told))
         return stream_id
 
