@@ -142,7 +142,10 @@ def _details(results: dict[str, Any], settings: Settings) -> list[str]:
             " account data entries must be stripped (parse, rewrite, serialise). The sliding sync"
             " request is Element X's room list (one list, the account data extension on): with `pos`"
             " it is the fast path; without, the first response's account data extension must lose its"
-            " `{}` entries. `/versions` is owned: the proxy parses it and adds `org.matrix.msc3391`.",
+            " `{}` entries. `/versions` is owned: the proxy parses it and adds `org.matrix.msc3391`;"
+            " without a token it answers from that rewrite of the homeserver's answer for 5 s"
+            " (`proxy/versions_cache.py`), with one (the `with an access token` rows) it asks"
+            " the homeserver every time.",
             "",
             _wrk_section(pt, "nginx"),
             "",

@@ -12,6 +12,7 @@ from .metrics import Metrics
 from .repairs import Repairs
 from .store import DeletionStore
 from .store.operations import TypeLocks
+from .versions_cache import VersionsCache
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Context:
     store: DeletionStore
     metrics: Metrics
     filters: FilterCache = field(default_factory=FilterCache)
+    versions: VersionsCache = field(default_factory=VersionsCache)
     # Serialises writes of one (user, room, type), in this process or (a shared store)
     # across instances: the store's order of events is then the homeserver's order of
     # accepted writes.

@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 # A known-length upstream body up to this size is read whole and answered in one
 # write: measured 8-45% faster than chunk-by-chunk streaming, and bounded in memory.
 _WHOLE_BODY_LIMIT = 1 << 20
+# From this size on, a whole body goes out after its headers rather than joined to them:
+# the join, and the copy of what the socket did not take at once, each cost a copy of
+# the body (asyncio's transport slices bytes; a memoryview slices for free).
+_SEPARATE_HEADERS_FROM = 1 << 16
 
 
 class _StreamedBody:
@@ -324,7 +328,7 @@ class Upstream:
         if length is not None and length <= _WHOLE_BODY_LIMIT and request.method != "HEAD":
             async with transport_errors():
                 body = prefix + await upstream.read()
-            return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+            return await _answer_whole(request, upstream.status, upstream.reason, headers, body)
 
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         if length is not None:
@@ -416,6 +420,25 @@ class Upstream:
                 body = await response.read()
                 self.homeserver_headers.learn(response.headers)
                 return UpstreamReply(response.status, body, response.headers, response.reason)
+
+
+async def _answer_whole(
+    request: web.BaseRequest, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes
+) -> web.StreamResponse:
+    """A body read whole, answered without copying it again on its way to the socket."""
+    if len(body) < _SEPARATE_HEADERS_FROM:
+        return web.Response(status=status, reason=reason, body=body, headers=headers)
+    response = web.StreamResponse(status=status, reason=reason, headers=headers)
+    response.content_length = len(body)
+    try:
+        await response.prepare(request)  # a StreamResponse sends its headers at once
+        await response.write(memoryview(body))
+        await response.write_eof()
+    except ConnectionResetError:
+        # Gone between its handler's last check and this write (a hang-up before it
+        # cancels the handler): nobody is left to answer, as aiohttp's own write treats it.
+        response.force_close()
+    return response
 
 
 class Answer(Protocol):

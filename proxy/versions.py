@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from . import jsoncodec
 from .codings import decode_body
 from .context import Context
 from .forward import body_response
+from .headers import end_to_end
+from .versions_cache import carries_credentials
 
 UNSTABLE_FEATURE = "org.matrix.msc3391"
 
@@ -21,6 +23,9 @@ def advertise(body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def versions(ctx: Context, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+    shared = request.method == "GET" and not carries_credentials(request)
+    if shared and (kept := ctx.versions.answer()) is not None:
+        return kept
     async with ctx.upstream.open(request, headers={"Accept-Encoding": "identity"}) as upstream:
         if upstream.status != 200 or request.method == "HEAD":
             return await ctx.upstream.relay(request, upstream)
@@ -31,4 +36,8 @@ async def versions(ctx: Context, request: web.Request, params: dict[str, str]) -
         return body_response(upstream, raw, decoded=False)
     if not isinstance(body, dict):
         return body_response(upstream, raw, decoded=False)
-    return body_response(upstream, jsoncodec.dumps(advertise(body)), decoded=True)
+    response = body_response(upstream, jsoncodec.dumps(advertise(body)), decoded=True)
+    if shared:
+        headers = end_to_end(upstream.headers, drop=(hdrs.CONTENT_LENGTH, hdrs.CONTENT_ENCODING, hdrs.DATE))
+        ctx.versions.keep(upstream.reason, headers, response.body)
+    return response

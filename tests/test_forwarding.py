@@ -334,6 +334,22 @@ async def test_200_mib_upload_streams_with_flat_memory(
     assert growth < 32, f"memory grew by {growth:.1f} MiB for a 200 MiB upload"
 
 
+# Either side of the sizes where the relay changes how it writes: one write with the
+# headers, the headers then the body, and streamed (above 1 MiB).
+@pytest.mark.parametrize("size", [0, 1, (1 << 16) - 1, 1 << 16, MiB, MiB + 1])
+async def test_known_length_body_of_any_size_arrives_whole_and_exact(
+    proxy: ProxyServer, http: aiohttp.ClientSession, size: int
+) -> None:
+    async with http.get(f"{proxy.url}/_fake/download?size={size}") as response:
+        body = await response.read()
+
+    assert response.status == 200
+    assert response.headers["Content-Length"] == str(size)
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert "Transfer-Encoding" not in response.headers
+    assert hashlib.sha256(body).hexdigest() == pattern_sha256(size)
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_200_mib_download_streams_with_flat_memory(
     proxy: ProxyServer, http: aiohttp.ClientSession, chunked: bool
