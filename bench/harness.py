@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rig.nginx import Nginx
-from rig.processes import spawn_child, stop_process, wait_for_port
+from rig.processes import free_port, spawn_child, stop_process, wait_for_port
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -143,6 +143,17 @@ class Child:
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process, grace=10.0)
+
+
+def minimal_proxy(workdir: Path, upstream_url: str, log_name: str) -> Child:
+    """`bench/minimal_proxy.py` in front of `upstream_url` (not started)."""
+    port = free_port()
+    return Child(
+        [sys.executable, str(Path(__file__).with_name("minimal_proxy.py")), str(port), upstream_url],
+        workdir / log_name,
+        port,
+        "the minimal aiohttp proxy",
+    )
 
 
 # --- nginx ------------------------------------------------------------------------------

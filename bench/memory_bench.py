@@ -1,7 +1,8 @@
 """Memory: idle long-polls held through the proxy, and 1 GiB streamed each way.
 
 A fresh proxy process in front of `bench/slow_upstream.py`, whose /sync never answers
-within the hold time. RSS comes from /proc/PID/status of the proxy process.
+within the hold time, then the minimal aiohttp proxy (`minimal_proxy.py`) holding the
+same long-polls. RSS comes from /proc/PID/status of the process holding them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import aiohttp
 
 from rig.processes import free_port
 
-from .harness import Child, RssSampler, Wrk, fd_count, reset_peak_rss, say, status_kib
+from .harness import Child, RssSampler, Wrk, fd_count, minimal_proxy, reset_peak_rss, say, status_kib
 from .settings import MiB, Settings
 
 SMALL_PATH = "/_matrix/client/v3/capabilities"
@@ -213,13 +214,25 @@ def run(settings: Settings, workdir: Path, wrk: Wrk, proxy_factory: Any) -> dict
     upstream.start()
     proxy = None
     try:
-        proxy = proxy_factory(f"http://127.0.0.1:{upstream_port}", "proxy-memory")
+        upstream_url = f"http://127.0.0.1:{upstream_port}"
+        proxy = proxy_factory(upstream_url, "proxy-memory")
         pid = proxy.process.pid
         held = asyncio.run(_held_figures(settings, wrk, pid, proxy.port, upstream_port))
         proxy.stop()
+        proxy = None
+        # The same long-polls through the least an aiohttp proxy does: the framework's
+        # own share of a held long-poll, under the proxy's.
+        minimal = minimal_proxy(workdir, upstream_url, "minimal-memory.log")
+        minimal.start()
+        try:
+            held["minimal"] = asyncio.run(
+                _held_figures(settings, wrk, minimal.pid, minimal.port, upstream_port)
+            )
+        finally:
+            minimal.stop()
         # A fresh process for the transfers: the one above keeps the memory the long-polls
         # used for reuse, which would hide any growth.
-        proxy = proxy_factory(f"http://127.0.0.1:{upstream_port}", "proxy-streaming")
+        proxy = proxy_factory(upstream_url, "proxy-streaming")
         streamed = asyncio.run(_streamed(proxy.url, proxy.process.pid, settings.stream_bytes))
         return {"held": held, "streamed": streamed}
     finally:

@@ -34,7 +34,13 @@ async def forward(request: web.Request) -> web.Response:
 
 
 async def session(app: web.Application) -> AsyncIterator[None]:
-    app[SESSION] = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+    # No limit on upstream connections (aiohttp's default is 100): held long-polls each
+    # need their own, as in the proxy.
+    app[SESSION] = aiohttp.ClientSession(
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        connector=aiohttp.TCPConnector(limit=0),
+    )
     yield
     await app[SESSION].close()
 

@@ -14,7 +14,6 @@ orjson loads+dumps.
 from __future__ import annotations
 
 import gc
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,13 +30,13 @@ from rig.processes import free_port
 from . import answers
 from .bodies import sliding_sync_body, sliding_sync_request, sync_body
 from .harness import (
-    Child,
     Nginx,
     Target,
     Workload,
     Wrk,
     bench_nginx,
     median,
+    minimal_proxy,
     nginx_reverse_proxy_server,
     run_interleaved,
     say,
@@ -210,13 +209,7 @@ def run(
     nginx_port = free_port()
     servers = nginx_reverse_proxy_server(nginx_port, up_port, "static_upstream")
     nginx = bench_nginx(workdir, "nginx-proxy-static", servers, [nginx_port])
-    minimal_port = free_port()
-    minimal = Child(
-        [sys.executable, str(Path(__file__).with_name("minimal_proxy.py")), str(minimal_port), upstream_url],
-        workdir / "minimal-proxy.log",
-        minimal_port,
-        "the minimal aiohttp proxy",
-    )
+    minimal = minimal_proxy(workdir, upstream_url, "minimal-proxy.log")
     nginx.start()
     minimal.start()
     try:

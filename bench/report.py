@@ -263,6 +263,17 @@ def _details(results: dict[str, Any], settings: Settings) -> list[str]:
                         + " MiB",
                     ],
                     ["RSS per held long-poll", f"{_f(h['kib_per_connection'])} KiB"],
+                    *(
+                        [
+                            [
+                                "the same long-polls held by the minimal aiohttp proxy: RSS per long-poll",
+                                f"{_f(h['minimal']['kib_per_connection'])} KiB"
+                                f" ({h['minimal']['held']:,} held)",
+                            ]
+                        ]
+                        if h.get("minimal")
+                        else []
+                    ),
                     ["proxy fds before / held", f"{h['fds_before']} / {h['fds_held']:,}"],
                     [
                         "small GET p50 / p99, idle proxy",

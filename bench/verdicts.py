@@ -295,6 +295,20 @@ def _memory(results: dict[str, Any], settings: Settings) -> list[Verdict]:
                 per is not None and per <= 20,
             )
         )
+        minimal = held.get("minimal")
+        if minimal is not None:
+            floor = minimal["kib_per_connection"]
+            out.append(
+                Verdict(
+                    "13.4",
+                    "… the same long-polls held by the minimal aiohttp proxy: RSS per connection",
+                    "none (the framework's share, under the 20 KiB target)",
+                    f"{_f(floor)} KiB at {minimal['held']:,} held (the proxy: {_f(per)} KiB,"
+                    f" {_f(per - floor if per is not None and floor is not None else None)} KiB more)",
+                    None,
+                    reference=True,
+                )
+            )
         p99 = held["probe_held"]["p99_ms"]
         out.append(
             Verdict(

@@ -108,11 +108,14 @@ async def serve(config: Config, log_handler: logging.Handler) -> None:
         # What exists now lives as long as the process (modules, the route table, the
         # store's indexes as loaded): kept out of the collector's scans for good. And a
         # request makes a few hundred short-lived containers, nearly all freed by their
-        # reference counts: collecting the youngest generation after 20,000 allocations
-        # instead of 700 leaves them to die unscanned. Each cut the CPU of a small owned
-        # request by about a sixth on this machine (`bench/run.py`, /versions).
+        # reference counts: collecting the youngest generation after 5,000 allocations
+        # instead of 700 leaves most to die unscanned. Each cut the CPU of a small owned
+        # request by about a sixth on this machine (`bench/run.py`, /versions). 20,000
+        # saved no more, and with 10,000 long-polls held its larger scans stalled the
+        # loop: a small request's p99 went from 3-25 ms to 20-200 ms (`bench/run.py`,
+        # memory).
         gc.freeze()
-        gc.set_threshold(20_000, *gc.get_threshold()[1:])
+        gc.set_threshold(5_000, *gc.get_threshold()[1:])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
