@@ -1,9 +1,10 @@
 """The homeserver's `/versions` answer to callers without credentials, kept briefly.
 
 Without an access token, Synapse's `/versions` depends only on its configuration: every
-such caller gets the same answer, and clients ask for it at every start (matrix-js-sdk
-then keeps it for minutes itself). Answering those from a copy a few seconds old spares
-the homeserver the request and the proxy the parse and rewrite. With credentials, the
+such caller gets the same answer, and clients ask for it at every start. Synapse says so
+itself (`Cache-Control: public, max-age=600, s-maxage=3600`, `Vary: Authorization`, both
+kept on the copy). Answering those from a copy a few seconds old spares the homeserver
+the request and the proxy the parse and rewrite. With credentials, the
 answer may hold per-user features (Synapse's MSC3881/MSC3575 switches): those are never
 served from here.
 """
