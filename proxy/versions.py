@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from . import jsoncodec
 from .codings import decode_body
 from .context import Context
 from .forward import body_response
-from .headers import end_to_end
 from .versions_cache import carries_credentials
 
 UNSTABLE_FEATURE = "org.matrix.msc3391"
@@ -38,6 +37,5 @@ async def versions(ctx: Context, request: web.Request, params: dict[str, str]) -
         return body_response(upstream, raw, decoded=False)
     response = body_response(upstream, jsoncodec.dumps(advertise(body)), decoded=True)
     if shared:
-        headers = end_to_end(upstream.headers, drop=(hdrs.CONTENT_LENGTH, hdrs.CONTENT_ENCODING, hdrs.DATE))
-        ctx.versions.keep(upstream.reason, headers, response.body)
+        ctx.versions.keep(response)
     return response

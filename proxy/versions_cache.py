@@ -4,9 +4,8 @@ Without an access token, Synapse's `/versions` depends only on its configuration
 such caller gets the same answer, and clients ask for it at every start. Synapse says so
 itself (`Cache-Control: public, max-age=600, s-maxage=3600`, `Vary: Authorization`, both
 kept on the copy). Answering those from a copy a few seconds old spares the homeserver
-the request and the proxy the parse and rewrite. With credentials, the
-answer may hold per-user features (Synapse's MSC3881/MSC3575 switches): those are never
-served from here.
+the request and the proxy the parse and rewrite. With credentials, the answer may hold
+per-user features (Synapse's MSC3881/MSC3575 switches): those are never served from here.
 """
 
 from __future__ import annotations
@@ -46,7 +45,11 @@ class VersionsCache:
         # A new header set each time: aiohttp adds Content-Length and Date to it.
         return web.Response(status=200, reason=kept.reason, body=kept.body, headers=CIMultiDict(kept.headers))
 
-    def keep(self, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None:
-        """Keep a 200 answer (`body` as the proxy sends it; `headers` without the
-        length, the coding and the date, which each response gets afresh)."""
-        self._kept = _Kept(time.monotonic() + FRESH_FOR, reason, tuple(headers.items()), body)
+    def keep(self, response: web.Response) -> None:
+        """Keep a 200 answer as the proxy is about to send it (not yet prepared: without
+        the length and the date, which each response gets afresh)."""
+        assert isinstance(response.body, bytes) and not response.prepared
+        headers = CIMultiDict(response.headers)
+        headers.popall(hdrs.DATE, None)
+        expires = time.monotonic() + FRESH_FOR
+        self._kept = _Kept(expires, response.reason, tuple(headers.items()), response.body)

@@ -460,6 +460,27 @@ async def test_versions_advertises_msc3391_and_keeps_the_rest(
     assert via == direct
 
 
+async def test_versions_from_the_copy_and_with_a_token_are_synapses_with_msc3391_and_its_headers(
+    devices: MakeDevices, proxy: ProxyServer, synapse: SynapseServer, http: aiohttp.ClientSession
+) -> None:
+    (a,) = await devices(1)
+    for headers in ({}, a.account.headers):
+        async with http.get(synapse.url + "/_matrix/client/versions", headers=headers) as r:
+            direct, direct_headers = await r.json(), r.headers
+        direct["unstable_features"].pop("org.matrix.msc3391", None)
+        # Without a token the second answer is the proxy's copy of the first.
+        for _ in range(2):
+            async with http.get(proxy.url + "/_matrix/client/versions", headers=headers) as r:
+                assert r.status == 200
+                raw, via_headers = await r.read(), r.headers
+            via = json.loads(raw)
+            assert via["unstable_features"].pop("org.matrix.msc3391") is True
+            assert via == direct
+            assert int(via_headers["Content-Length"]) == len(raw)
+            for name in ("Cache-Control", "Vary", "Access-Control-Allow-Origin", "Content-Type"):
+                assert via_headers.getall(name) == direct_headers.getall(name), name
+
+
 async def test_legacy_initial_syncs_carry_no_deletions(
     devices: MakeDevices, synapse: SynapseServer, http: aiohttp.ClientSession
 ) -> None:
