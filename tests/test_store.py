@@ -54,6 +54,41 @@ async def test_schema_has_the_briefs_table_and_indexes(tmp_path: Path) -> None:
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+async def test_a_delete_for_more_devices_than_one_statement_takes_rows_each_of_them(
+    store: DeletionStore,
+) -> None:
+    devices = [f"D{n:04d}" for n in range(1201)]  # three statements' worth of rows
+    sid = await store.begin_delete(ALICE, ROOM, "a", devices[7], [*devices, devices[3]])
+    await store.commit_delete(sid)
+
+    told = set(devices) - {devices[7]}
+    assert await rows(store) == {(sid, "a", ROOM, device) for device in told}
+    assert all(store.has_pending(ALICE, device) for device in told)
+    assert not store.has_pending(ALICE, devices[7])
+
+
+async def test_a_write_planned_on_an_entry_that_changed_meanwhile_reads_the_rows(tmp_path: Path) -> None:
+    """A write works out the index's new entry from the old one only if nothing changed
+    it since the write was planned (on a shared store: another instance's announcement)."""
+    store = sqlite_store(tmp_path / "store.sqlite3")
+    await store.open()
+    try:
+        sid = await store.begin_delete(ALICE, None, "a", "D1", ["D1", "D2"])
+        await store.commit_delete(sid)
+        planned = store.index.fresh_token(ALICE)
+        async with store.db.transaction() as tx:
+            await store._refresh(tx, ALICE, known={"D2", "D9"}, as_of=planned)
+        assert store.has_pending(ALICE, "D9")  # trusted: no query, and no row to say otherwise
+
+        planned = store.index.fresh_token(ALICE)
+        store.index.invalidate(ALICE)  # announced after the plan
+        async with store.db.transaction() as tx:
+            await store._refresh(tx, ALICE, known={"D2", "D9"}, as_of=planned)
+        assert store.has_pending(ALICE, "D2") and not store.has_pending(ALICE, "D9")
+    finally:
+        await store.close()
+
+
 async def test_a_delete_rows_every_other_device_and_is_unsettled_until_committed(
     store: DeletionStore,
 ) -> None:

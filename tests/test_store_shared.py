@@ -71,6 +71,28 @@ async def test_a_delete_by_one_instance_is_pending_for_the_other_at_once_and_the
     assert not b.has_pending(ALICE, "D1")
 
 
+@pytest.mark.parametrize("conforming", ["on", "off"])
+async def test_an_announcement_names_any_user_id_exactly(
+    instances: Stores, postgres_url: str, conforming: str
+) -> None:
+    """Announcements are NOTIFY statements sent with the COMMIT in one trip: the user ID
+    is a string constant there, read the same with backslashes taken literally or not."""
+    name = postgres_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f"ALTER DATABASE {name} SET standard_conforming_strings = {conforming}")
+    finally:
+        await admin.close()
+    odd = "@o'brien\\x\\'y:localhost"  # historical user IDs may hold both
+    a, b = await instances(), await instances()
+
+    sid = await a.begin_delete(odd, None, "t", "D1", ["D1", "D2"])
+    await a.commit_delete(sid)
+
+    assert await eventually(lambda: b.has_pending(odd, "D2"))
+    assert [p.stream_id for p in await b.pending_for_device(odd, "D2")] == [sid]
+
+
 async def test_a_proof_of_receipt_recorded_by_one_instance_is_honoured_by_the_other(
     instances: Stores,
 ) -> None:

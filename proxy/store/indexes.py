@@ -69,6 +69,18 @@ class PendingIndex:
         """Taken before reading a user's rows, handed back to `set_devices`."""
         return self._generation.get(user_id, 0)
 
+    def fresh_token(self, user_id: str) -> int | None:
+        """The user's token if its entry is fresh (None if stale): taken before a write
+        that works out its new entry from the current one (see `written`)."""
+        return None if self.is_stale(user_id) else self.token(user_id)
+
+    def written(self, user_id: str, devices: Iterable[str]) -> None:
+        """The devices with rows after a write of the store's own. A read of the user's
+        rows begun before it (another instance's change being read again) would hand
+        back what it found before the write: it is made out of date first."""
+        self.invalidate(user_id)
+        self.set_devices(user_id, devices, self.token(user_id))
+
     def set_devices(self, user_id: str, devices: Iterable[str], token: int) -> None:
         """What a read of the user's rows found. If the user was invalidated since the
         read began (`token`), what it found may be out of date: the user stays stale."""

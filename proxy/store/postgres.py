@@ -71,10 +71,16 @@ def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def _literal(text: str) -> str:
+    """`text` as a string constant, read the same whatever `standard_conforming_strings` says."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
 class PostgresTransaction:
     def __init__(self, conn: asyncpg.Connection, instance: str) -> None:
         self._conn = conn
         self._instance = instance
+        self._announced: list[str] = []
 
     async def execute(self, sql: str, args: Sequence[object] = ()) -> None:
         await self._conn.execute(numbered(sql), *args)
@@ -93,7 +99,14 @@ class PostgresTransaction:
 
     async def announce(self, user_id: str) -> None:
         """Tell the other instances that this user's rows change (sent at commit)."""
-        await self._conn.execute("SELECT pg_notify($1, $2)", CHANNEL, json.dumps([self._instance, user_id]))
+        if user_id not in self._announced:
+            self._announced.append(user_id)
+
+    def commit(self) -> str:
+        """COMMIT, after the announcements: one simple query (no parameters) may hold
+        several statements, so they take one round trip."""
+        notices = [f"NOTIFY {CHANNEL}, {_literal(json.dumps([self._instance, u]))}" for u in self._announced]
+        return "; ".join([*notices, "COMMIT"])
 
 
 class PostgresDatabase:
@@ -189,11 +202,21 @@ class PostgresDatabase:
     @contextlib.asynccontextmanager
     async def transaction(self, *, durable: bool = True) -> AsyncIterator[PostgresTransaction]:
         """`durable`: as for SQLite (`sqlite.SqliteDatabase.transaction`); otherwise
-        COMMIT does not wait for the WAL flush, which keeps the order of commits."""
-        async with self._connection() as conn, conn.transaction():
-            if not durable:
-                await conn.execute("SET LOCAL synchronous_commit = off")
-            yield PostgresTransaction(conn, self.instance)
+        COMMIT does not wait for the WAL flush, which keeps the order of commits.
+
+        BEGIN goes with that setting and COMMIT with the announcements, in one round
+        trip each: the trips, not the statements, are most of a small write's time."""
+        async with self._connection() as conn:
+            await conn.execute("BEGIN" if durable else "BEGIN; SET LOCAL synchronous_commit = off")
+            tx = PostgresTransaction(conn, self.instance)
+            try:
+                yield tx
+                await conn.execute(tx.commit())
+            except BaseException:
+                # After a failed COMMIT there is no transaction left: PostgreSQL only warns.
+                with contextlib.suppress(*_FAULTS):
+                    await conn.execute("ROLLBACK")
+                raise
 
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[PostgresTransaction]:
