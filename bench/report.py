@@ -221,11 +221,11 @@ def _details(results: dict[str, Any], settings: Settings) -> list[str]:
             " flag off, directly, through nginx and through the proxy. The DELETE deletes a different,"
             " existing type on every request (set beforehand, outside the timing): directly and through"
             " nginx on a Synapse with its own flag on (its own implementation, the reference); through"
-            " the proxy on the one with it off (whoami from cache, `GET /devices`, store intent, `PUT {}`,"
-            " store commit). The `floor:` rows are the homeserver calls of that delete, each alone at"
-            " 1 conn on the Synapse behind the proxy: the type's GET and `GET /devices` (which the"
-            " proxy sends concurrently), then `PUT {}`; the GET and the PUT are of a new type each"
-            " time (a GET of one type again and again would be answered from Synapse's cache; the"
+            " the proxy on the one with it off (whoami from cache, `GET /devices`, then the type's GET"
+            " with the store intent recorded meanwhile, `PUT {}`, store commit). The `floor:` rows are"
+            " the homeserver calls of that delete, each alone at 1 conn on the Synapse behind the"
+            " proxy: `GET /devices` and the type's GET, then `PUT {}`; the GET and the PUT are of a new"
+            " type each time (a GET of one type again and again would be answered from Synapse's cache; the"
             " DELETE's GET of a type just written is not), none of them set: the GET's errors column"
             " counts its 404s.",
             "",

@@ -4,10 +4,10 @@ Two Synapses from the rig (`rig/synapse.py`): one with its own `msc3391_enabled`
 the proxy, as deployed) and one with it on (the reference for the DELETE). Targets:
 Synapse directly, nginx as a plain reverse proxy, and the proxy. For the DELETE,
 "directly" and "nginx" reach the Synapse with the flag on (its own DELETE), the
-proxy reaches the one with it off (whoami, device list, PUT {} and two store
-transactions per delete). The DELETE's floor: the homeserver calls that delete needs
-(the type's GET and the device list, concurrently, then the PUT {}), each measured alone
-at 1 conn on the Synapse behind the proxy, in the same interleaved run.
+proxy reaches the one with it off (whoami, device list, the type's GET, PUT {} and two
+store transactions per delete). The DELETE's floor: the homeserver calls that delete
+needs (the device list and the type's GET, then the PUT {}), each measured alone at 1
+conn on the Synapse behind the proxy, in the same interleaved run.
 """
 
 from __future__ import annotations

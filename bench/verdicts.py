@@ -251,9 +251,9 @@ def _synapse(results: dict[str, Any]) -> list[Verdict]:
             Verdict(
                 "13.3",
                 "… the least a proxy over a homeserver without MSC3391 can take, 1 conn: Synapse's own"
-                " p50s of the delete's calls, the two reads overlapped (max(GET, GET /devices) + PUT {})"
-                " or, as one Synapse process serves them on one core, one after the other (the sum),"
-                " vs its DELETE",
+                " p50s of the delete's calls, the two reads overlapped (max(GET, GET /devices) + PUT {},"
+                " as a homeserver with workers could serve them) or one after the other (the sum, as the"
+                " proxy sends them: one Synapse process serves them no sooner at once), vs its DELETE",
                 "none (the floor under the 1-conn target)",
                 f"{_x(overlapped / own)} to {_x(serial / own)} (max({get_ms:.1f}, {devices_ms:.1f})"
                 f" + {put_ms:.1f} to {serial:.1f} ms, vs {own:.1f} ms)",

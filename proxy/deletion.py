@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from .context import Context
-from .errors import MatrixError, StoreUnavailable
+from .errors import MatrixError, ResponseError, StoreUnavailable
 from .forward import UpstreamReply
 from .homeserver_calls import account_data_path, call_as, device_ids, nudge
 from .identity import Requester
@@ -83,12 +83,6 @@ async def _write_content(
         return reply
 
 
-def _discard(task: asyncio.Future[Any]) -> None:
-    """A read no longer wanted: cancelled if still running, its outcome never asked for."""
-    task.cancel()
-    task.add_done_callback(lambda done: done.cancelled() or done.exception())
-
-
 async def _to_completion(work: Coroutine[Any, Any, T]) -> T:
     """Run `work` to its end even if the client goes away (its handler is cancelled):
     a write the homeserver accepted is always followed by the store's part of it."""
@@ -105,29 +99,9 @@ async def _delete(
         # A store write of this type still queued from a fault comes first; if the
         # store still fails, so would this delete's, before anything reaches the homeserver.
         await ctx.repairs.flush(key)
-        # Two independent reads at once, both under the lock: the devices are the ones
-        # the account has when the homeserver takes the write.
-        listing = asyncio.ensure_future(device_ids(ctx, request, requester))
-        try:
-            current = await call_as(ctx, request, requester, "GET", path)
-            if current.status == 404 or (current.status == 200 and is_empty_object(current.body)):
-                # Never set, or deleted already: as in Synapse, the homeserver is not
-                # written and no other device is told again. The device that asked is:
-                # a client deleting with `PUT {}` waits for the deletion to come back
-                # over its sync (matrix-js-sdk 43 waits for ever).
-                _discard(listing)
-                await _echo_to_the_deleting_device(ctx, request, requester, key)
-                return
-            if current.status != 200:
-                # Whether there is anything to delete is unknown: the homeserver's error
-                # goes back rather than a guess (a `{}` written for a type never set).
-                raise current.refusal("the read")
-            devices = await listing
-        finally:
-            _discard(listing)
-        stream_id = await ctx.store.begin_delete(
-            user_id, room_id, account_data_type, requester.device_id, devices
-        )
+        stream_id = await _read_and_begin(ctx, request, requester, key, path)
+        if stream_id is None:
+            return
         try:
             reply = await call_as(ctx, request, requester, "PUT", path, {})
         except MatrixError:
@@ -149,6 +123,73 @@ async def _delete(
             await _abort(ctx, key, stream_id)
             raise reply.refusal("the write")
         await _commit(ctx, key, stream_id)
+
+
+async def _read_and_begin(
+    ctx: Context, request: web.Request, requester: Requester, key: TypeKey, path: str
+) -> int | None:
+    """Read the account's devices, then the type, and begin the intent while the type is
+    read. Returns the intent's stream_id, or None if there was nothing to delete (the
+    deleting device is told, as Synapse would); raises the error to answer otherwise.
+
+    Both reads are made under the type's lock, so the devices are the ones the account
+    has when the homeserver takes the write. One after the other, not at once: a
+    homeserver process serves them no sooner together (Synapse, through the proxy:
+    7.5 ms for both at once, 7.3 ms in turn), and in turn the intent's durable write
+    hides behind the second read instead of following both."""
+    listing_error: ResponseError | None = None
+    intent: asyncio.Future[int] | None = None
+    try:
+        devices = await device_ids(ctx, request, requester)
+    except ResponseError as e:
+        listing_error = e  # answered only if there is something to delete
+    else:
+        # A pending intent is never injected into a sync, and is withdrawn if the
+        # read finds nothing to delete.
+        intent = asyncio.ensure_future(ctx.store.begin_delete(*key, requester.device_id, devices))
+    try:
+        current = await call_as(ctx, request, requester, "GET", path)
+    except MatrixError:
+        await _withdraw(ctx, key, intent)
+        raise
+    except BaseException:
+        if intent is not None:  # cancelled at shutdown, or a bug: settled later
+            intent.add_done_callback(partial(_orphan_if_begun, ctx, key[0]))
+        raise
+    if current.status == 404 or (current.status == 200 and is_empty_object(current.body)):
+        # Never set, or deleted already: as in Synapse, the homeserver is not written
+        # and no other device is told again. The device that asked is: a client
+        # deleting with `PUT {}` waits for the deletion to come back over its sync
+        # (matrix-js-sdk 43 waits for ever).
+        await _withdraw(ctx, key, intent)
+        await _echo_to_the_deleting_device(ctx, request, requester, key)
+        return None
+    if current.status != 200:
+        # Whether there is anything to delete is unknown: the homeserver's error goes
+        # back rather than a guess (a `{}` written for a type never set).
+        await _withdraw(ctx, key, intent)
+        raise current.refusal("the read")
+    if listing_error is not None:
+        raise listing_error
+    assert intent is not None
+    return await intent
+
+
+async def _withdraw(ctx: Context, key: TypeKey, intent: asyncio.Future[int] | None) -> None:
+    """An intent begun while the type was read, not wanted after all: it goes, as a
+    refused write's does (none was begun if the store failed)."""
+    if intent is None:
+        return
+    try:
+        stream_id = await intent
+    except StoreUnavailable:
+        return
+    await _abort(ctx, key, stream_id)
+
+
+def _orphan_if_begun(ctx: Context, user_id: str, intent: asyncio.Future[int]) -> None:
+    if not intent.cancelled() and intent.exception() is None:
+        ctx.store.mark_orphaned(user_id, intent.result())
 
 
 async def _echo_to_the_deleting_device(

@@ -1,7 +1,7 @@
 """Crash safety of a delete, and every homeserver call of it failing in turn.
 
-A delete is, in order: identify the caller (whoami), read the current value (GET
-account data), list the account's devices (GET /devices), record the intent in the
+A delete is, in order: identify the caller (whoami), list the account's devices (GET
+/devices), read the current value (GET account data) while recording the intent in the
 store (a pending tombstone and one row per other device), write `{}` (PUT), commit.
 
 First part: the proxy as a real process (`python -m proxy`), killed with SIGKILL while
@@ -199,12 +199,16 @@ async def test_a_delete_killed_mid_way_is_settled_on_the_users_next_request(
 
     deleting = asyncio.ensure_future(call(http, proxy.url, "DELETE", DELETE))
     await asyncio.wait_for(hs.hang_started.wait(), 10)
+    intent_begun = fault.get("method") == "PUT" or fault["path_regex"] == ACCOUNT_DATA
+    if intent_begun:
+        # While the value is read, the intent is recorded: killed once it is on disk.
+        await wait_for_store(store, lambda state: bool(state.tombstones))
     processes.kill(proxy)
     with pytest.raises(aiohttp.ClientError):
         await deleting  # a dead connection: the client cannot know what happened
 
     on_disk = snapshot(store)
-    if fault.get("method") == "PUT":
+    if intent_begun:
         # The intent was on disk before the write went out, and nothing settled it.
         assert {(t[3], t[4]) for t in on_disk.tombstones} == {(KIND, "pending")}
         assert on_disk.rows_of(ALICE) == {(None, KIND, SECOND), (None, KIND, THIRD)}
@@ -285,9 +289,10 @@ CALLS = {
     "list-devices": {"path_regex": DEVICES, "method": "GET"},
     "write": {"path_regex": ACCOUNT_DATA, "method": "PUT"},
 }
-# The call before each, on which a `go_down_after` fault makes the next one refused. The
-# read and the device list are asked for at once: both come after the identification.
-BEFORE_CALL = {"read": "identify", "list-devices": "identify"}
+# The call before each, on which a `go_down_after` fault makes the next one refused: the
+# device list comes after the identification, the read after the device list (with the
+# intent begun meanwhile, and withdrawn when the read fails).
+BEFORE_CALL = {"list-devices": "identify", "read": "list-devices"}
 
 
 def go_down_at_the_write(hs: FakeHomeserver) -> None:
@@ -552,3 +557,24 @@ async def test_a_delete_whose_commit_the_store_refuses_is_answered_200_and_commi
     state = await wait_for_store(store, lambda s: {t[4] for t in s.tombstones} == {"done"})
     assert state.tombstones_of(ALICE) == {(None, KIND, "done")}
     await assert_deleted_everywhere(http, proxy.url, hs, store, since)
+
+
+@pytest.mark.parametrize("listing", ["listed", "list-fails"])
+async def test_a_delete_of_a_type_never_set_tells_only_the_deleting_device(
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession, listing: str
+) -> None:
+    """Nothing to delete: Synapse's 200, the homeserver not written, and no intent left
+    (the one begun while the type was read is withdrawn); only the deleting device is
+    told, as its client waits for that. A failing device list does not matter then."""
+    proxy: ProxyServer = await start_proxy(hs.url)
+    never = "org.example.never"
+    if listing == "list-fails":
+        hs.fault(times=1, status=500, json=MATRIX_500, **CALLS["list-devices"])
+
+    answer, body, _ = await call(http, proxy.url, "DELETE", account_data_path(MSC3391, ALICE, never))
+
+    assert (answer, body) == (200, b"{}")
+    assert hs.account_data(ALICE, never) is None
+    state = assert_consistent(proxy.config.store.path, is_live(hs))
+    assert state.tombstones_of(ALICE) == {(None, never, "done")}
+    assert state.rows_of(ALICE) == {(None, never, DELETER)}
