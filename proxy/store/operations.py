@@ -339,6 +339,7 @@ class SqlStore(IndexedAnswers):
                 return
             user_id, room_id, account_data_type, _, earlier, has_rows = found
             as_of = self.index.fresh_token(user_id)
+            had_rows = self.index.devices_of(user_id)
             # The statements the query shows would change nothing are spared. No settled
             # delete of the type can appear after it: every write of a type holds the
             # type's lock (across instances, on a shared database).
@@ -353,8 +354,7 @@ class SqlStore(IndexedAnswers):
             if not has_rows or self.db.shared:
                 await _run(tx, _drop_if_seen([stream_id]))  # no other device to tell
             # Rows went only with an earlier tombstone: otherwise the devices are as they were.
-            known = None if earlier else self.index.devices_of(user_id)
-            await self._refresh(tx, user_id, known=known, as_of=as_of)
+            await self._refresh(tx, user_id, known=None if earlier else had_rows, as_of=as_of)
         self.index.forget_intent(user_id, stream_id)
 
     async def abort_delete(self, stream_id: int) -> None:
