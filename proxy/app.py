@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 __all__ = ["CONTEXT", "build_app"]
 
 
-async def dispatch(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[CONTEXT]
+def dispatch(ctx: Context, request: web.Request) -> Awaitable[web.StreamResponse]:
+    """The route table's answer for this request, not awaited yet (`answering` awaits
+    it, so a held long-poll keeps no frame of this function)."""
     if not is_origin_form(request.raw_path):
         raise unrecognized()  # as Synapse answers an absolute-form target; never forwarded
     found = match(request.method, request.raw_path, ROUTES)
@@ -40,49 +41,52 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if found is not None and ctx.config.msc3391_enabled and request.method != "OPTIONS":
         request[ROUTE] = found.route
         if found.handler is not None:
-            return await found.handler(ctx, request, found.params)
+            return found.handler(ctx, request, found.params)
         if found.route.owns_path:
             raise unrecognized(405)
     # Forwarded untouched, an owned route (feature off) keeps its timeout: long-polls.
     timeout = read_timeout(found.route.read_timeout, ctx.config.upstream, request.query) if found else None
-    return await ctx.upstream.forward(request, read_timeout=timeout)
+    return ctx.upstream.forward(request, read_timeout=timeout)
 
 
-@web.middleware
-async def matrix_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every failure leaves as a Matrix error body; nothing leaves as a traceback.
-    Each request gets an id for its log lines, and owned routes are counted."""
-    request_id.set(new_request_id())
-    response = await _answer(request, handler)
-    ctx = request.app[CONTEXT]
-    ctx.upstream.homeserver_headers.apply(response)
-    route = request.get(ROUTE)
-    if route is not None:
-        ctx.metrics.count_request(route.name, response.status)
-    return response
+Decide = Callable[[Context, web.Request], Awaitable[web.StreamResponse]]
 
 
-async def _answer(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ResponseError as e:
-        return e.response()
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(413, M_TOO_LARGE, "Request content is too large")
-    except web.HTTPException as e:
-        return error_response(e.status, M_UNKNOWN, e.reason)
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, template(request.raw_path))
-        return error_response(500, M_UNKNOWN, "Internal server error")
+def answering(decide: Decide) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An aiohttp handler around `decide`: every failure leaves as a Matrix error body,
+    nothing as a traceback. Each request gets an id for its log lines, and owned routes
+    are counted.
+
+    A wrapper, not an aiohttp middleware: a middleware keeps two more coroutine frames
+    (its own and aiohttp's `_fix_request_current_app`) alive for as long as a request
+    is held, and thousands of long-polls are held at once."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        request_id.set(new_request_id())
+        ctx = request.app[CONTEXT]
+        try:
+            response = await decide(ctx, request)
+        except ResponseError as e:
+            response = e.response()
+        except web.HTTPRequestEntityTooLarge:
+            response = error_response(413, M_TOO_LARGE, "Request content is too large")
+        except web.HTTPException as e:
+            response = error_response(e.status, M_UNKNOWN, e.reason)
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, template(request.raw_path))
+            response = error_response(500, M_UNKNOWN, "Internal server error")
+        ctx.upstream.homeserver_headers.apply(response)
+        route = request.get(ROUTE)
+        if route is not None:
+            ctx.metrics.count_request(route.name, response.status)
+        return response
+
+    return handle
 
 
 def build_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     metrics = metrics or Metrics()
-    app = web.Application(middlewares=[matrix_errors], client_max_size=config.proxy.max_body_size)
+    app = web.Application(client_max_size=config.proxy.max_body_size)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         upstream = Upstream(config, metrics)
@@ -108,7 +112,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
             await upstream.close()
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_get("/health", health)
+    app.router.add_get("/health", answering(lambda ctx, request: health(request)))
     # [\s\S], not ".": a decoded path may hold a newline (%0A), and must still reach dispatch.
-    app.router.add_route("*", r"/{path:[\s\S]*}", dispatch)
+    app.router.add_route("*", r"/{path:[\s\S]*}", answering(dispatch))
     return app

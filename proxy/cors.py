@@ -17,7 +17,7 @@ from __future__ import annotations
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-# Set on a response the proxy built (errors, `200 {}`): the error middleware then adds
+# Set on a response the proxy built (errors, `200 {}`): `app.answering` then adds
 # the mirrored headers. Answers relayed from the homeserver are left as they came.
 BUILT = web.ResponseKey("built_by_proxy", bool)
 

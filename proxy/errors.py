@@ -1,6 +1,6 @@
 """Every error that becomes an answer, in one place.
 
-Handlers raise a `ResponseError`; the error middleware in `app.py` answers with its
+Handlers raise a `ResponseError`; `app.answering` answers with its
 `response()`. A `MatrixError` is `{"errcode": ..., "error": ...}` with the status Synapse
 would use; a `RelayedResponse` is a homeserver answer that must reach the client exactly
 as it came (a 401 from whoami, a refused write). Answers built here are marked as the

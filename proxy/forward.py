@@ -8,6 +8,7 @@ and turns every transport failure into a Matrix-shaped 502 or 504.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -192,6 +193,13 @@ class _Exchange:
             raise error from None
 
 
+@functools.lru_cache(maxsize=64)
+def _client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
+    # Shared, not one per request: every held long-poll would keep its own, and the
+    # read timeouts in use are few (a client's long-poll `timeout` plus the margin).
+    return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect, sock_read=read)
+
+
 class Upstream:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self._config = config
@@ -233,10 +241,7 @@ class Upstream:
         return self._default_timeout if read is None else self._make_timeout(read)
 
     def _make_timeout(self, read: float) -> aiohttp.ClientTimeout:
-        up = self._config.upstream
-        return aiohttp.ClientTimeout(
-            total=None, connect=up.connect_timeout, sock_connect=up.connect_timeout, sock_read=read
-        )
+        return _client_timeout(self._config.upstream.connect_timeout, read)
 
     # --- headers ------------------------------------------------------------------------
 
@@ -305,8 +310,6 @@ class Upstream:
             data=data,
             allow_redirects=False,
             timeout=self.timeout(read_timeout),
-            # aiohttp would otherwise add Content-Type or chunk a known length.
-            skip_auto_headers=(hdrs.CONTENT_TYPE,),
         )
         return _Exchange(self, request, sending, streamed)
 

@@ -30,7 +30,7 @@ WHOAMI_PATH = "/_matrix/client/v3/account/whoami"
 _CREDENTIAL_PARAMS = ("access_token", "user_id", "device_id", "org.matrix.msc3202.device_id")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Credentials:
     """The caller's credentials exactly as sent; never logged, only hashed."""
 
@@ -55,7 +55,7 @@ class Credentials:
         return "Credentials(<redacted>)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Requester:
     user_id: str
     device_id: str | None

@@ -58,7 +58,7 @@ class Route:
         return "".join(out) + path[end:]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RouteMatch:
     route: Route
     params: dict[str, str]

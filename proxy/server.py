@@ -85,7 +85,8 @@ _http_log.addFilter(_MalformedRequestFilter())
 
 class _MatrixRequestHandler(web.RequestHandler):
     """aiohttp's connection handler, answering what aiohttp answers itself (a request its
-    parser refused, a handler that escaped the error middleware) as a Matrix error.
+    parser refused, a target its router matches to no route, a handler that escaped
+    `app.answering`) as a Matrix error.
 
     aiohttp's own answer is plain text quoting the parser's message, which holds the
     offending bytes: the request line, `access_token` query included, goes back to the
@@ -112,6 +113,15 @@ class _MatrixRequestHandler(web.RequestHandler):
         response = error_response(status, M_UNKNOWN, text)
         response.force_close()  # as aiohttp does: what follows on the connection is not trusted
         return response
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        # The router's own answer to a target that no route can match (`OPTIONS *`, an
+        # authority): raised before any handler runs, so `app.answering` never sees it.
+        if isinstance(resp, web.HTTPException):
+            resp = error_response(resp.status, M_UNKNOWN, resp.reason)
+        return await super().finish_response(request, resp, start_time)
 
 
 class _MatrixServer(web.Server):
