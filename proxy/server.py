@@ -121,6 +121,9 @@ class _MatrixRequestHandler(web.RequestHandler):
         # authority): raised before any handler runs, so `app.answering` never sees it.
         if isinstance(resp, web.HTTPException):
             resp = error_response(resp.status, M_UNKNOWN, resp.reason)
+            context = request.app.get(CONTEXT) if isinstance(request, web.Request) else None
+            if context is not None:
+                context.upstream.homeserver_headers.apply(resp)
         return await super().finish_response(request, resp, start_time)
 
 

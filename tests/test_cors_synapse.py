@@ -101,6 +101,23 @@ async def test_every_answer_the_proxy_builds_carries_the_homeservers_cors_header
         assert cors(through) == cors(direct), what
 
 
+@pytest.mark.parametrize(("method", "target"), [("CONNECT", "internal:80"), ("OPTIONS", "*")])
+async def test_a_target_no_route_can_match_is_answered_with_the_homeservers_cors_headers(
+    sides: tuple[Side, Side], method: str, target: str
+) -> None:
+    """aiohttp's router answers these before any handler runs (Synapse: an HTML 404, or
+    a dropped connection): the proxy's Matrix 404 still carries the headers it learnt."""
+    _, proxied = sides
+    learnt = await ask(proxied, "GET", V3 + "/user/{me}/account_data/" + KIND)  # any call of its own
+
+    through = await raw_request(proxied.url, method, target, [("Origin", ORIGIN)])
+
+    assert learnt.headers["access-control-allow-origin"] == "*"
+    assert through.status == 404
+    assert through.json()["errcode"] == "M_UNKNOWN"
+    assert cors(through) == cors(learnt)
+
+
 @pytest.mark.parametrize(
     "path",
     [MSC3391 + "/user/{me}/account_data/" + KIND, V3 + "/user/{me}/account_data/" + KIND, V3 + "/sync"],

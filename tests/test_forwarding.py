@@ -190,6 +190,33 @@ async def test_hop_by_hop_request_headers_are_removed_and_the_rest_kept(
     assert arrived["Content-Length"] == "2"
 
 
+# What aiohttp's client adds to a request that lacks them, unless told not to.
+AIOHTTP_DEFAULTS = ("Content-Type", "User-Agent", "Accept", "Accept-Encoding")
+
+
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [
+        ("GET", "/_fake/echo/bare"),
+        ("POST", "/_fake/echo/bare"),  # a body streamed through
+        # An owned write: its body is read by the proxy and sent on as bytes.
+        ("PUT", f"/_matrix/client/v3/user/{quote(ALICE)}/account_data/org.example.bare"),
+    ],
+)
+async def test_a_request_without_aiohttps_default_headers_arrives_without_them(
+    proxy: ProxyServer, fake_hs: FakeHomeserver, method: str, target: str
+) -> None:
+    token = fake_hs.add_device(ALICE, "BARE")
+    body = b"" if method == "GET" else b'{"k":1}'
+
+    response = await raw_request(proxy.url, method, target, [("Authorization", f"Bearer {token}")], body)
+
+    assert response.status == 200, response.body
+    arrived = fake_hs.last_request(method=method).headers
+    for name in AIOHTTP_DEFAULTS:
+        assert name not in arrived, name
+
+
 async def test_every_header_named_in_connection_is_removed(
     proxy: ProxyServer, fake_hs: FakeHomeserver
 ) -> None:
