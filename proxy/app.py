@@ -14,7 +14,7 @@ from aiohttp import web
 
 from .config import Config
 from .context import Context
-from .errors import M_TOO_LARGE, M_UNKNOWN, ResponseError, error_response, unrecognized
+from .errors import M_UNKNOWN, ResponseError, error_response, http_error_response, unrecognized
 from .forward import Upstream
 from .health import CONTEXT, health
 from .identity import Identity
@@ -68,10 +68,8 @@ def answering(decide: Decide) -> Callable[[web.Request], Awaitable[web.StreamRes
             response = await decide(ctx, request)
         except ResponseError as e:
             response = e.response()
-        except web.HTTPRequestEntityTooLarge:
-            response = error_response(413, M_TOO_LARGE, "Request content is too large")
         except web.HTTPException as e:
-            response = error_response(e.status, M_UNKNOWN, e.reason)
+            response = http_error_response(e)
         except Exception:
             log.exception("unhandled error in %s %s", request.method, template(request.raw_path))
             response = error_response(500, M_UNKNOWN, "Internal server error")

@@ -89,6 +89,14 @@ def error_response(status: int, errcode: str, message: str) -> web.Response:
     return json_response({"errcode": errcode, "error": message}, status=status)
 
 
+def http_error_response(e: web.HTTPException) -> web.Response:
+    """One of aiohttp's own HTTP errors (a body over `proxy.max_body_size`, the router's
+    404) as a Matrix error."""
+    if isinstance(e, web.HTTPRequestEntityTooLarge):
+        return error_response(413, M_TOO_LARGE, "Request content is too large")
+    return error_response(e.status, M_UNKNOWN, e.reason)
+
+
 def json_response(body: Any, *, status: int = 200) -> web.Response:
     """An answer the proxy builds itself (it gets the homeserver's CORS headers)."""
     return built(

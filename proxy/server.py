@@ -12,7 +12,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .app import build_app
 from .config import Config
-from .errors import M_UNKNOWN, error_response
+from .errors import M_UNKNOWN, error_response, http_error_response
 from .health import CONTEXT, health
 from .log_templates import template
 from .metrics import ROUTE, Metrics
@@ -120,7 +120,7 @@ class _MatrixRequestHandler(web.RequestHandler):
         # The router's own answer to a target that no route can match (`OPTIONS *`, an
         # authority): raised before any handler runs, so `app.answering` never sees it.
         if isinstance(resp, web.HTTPException):
-            resp = error_response(resp.status, M_UNKNOWN, resp.reason)
+            resp = http_error_response(resp)
             context = request.app.get(CONTEXT) if isinstance(request, web.Request) else None
             if context is not None:
                 context.upstream.homeserver_headers.apply(resp)

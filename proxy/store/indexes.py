@@ -74,6 +74,11 @@ class PendingIndex:
         that works out its new entry from the current one (see `written`)."""
         return None if self.is_stale(user_id) else self.token(user_id)
 
+    def plan(self, user_id: str) -> tuple[int | None, frozenset[str]]:
+        """What a write that works out its new entry starts from: `fresh_token` and the
+        devices with rows, read together."""
+        return self.fresh_token(user_id), self.devices_of(user_id)
+
     def written(self, user_id: str, devices: Iterable[str]) -> None:
         """The devices with rows after a write of the store's own. A read of the user's
         rows begun before it (another instance's change being read again) would hand

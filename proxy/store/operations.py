@@ -312,8 +312,7 @@ class SqlStore(IndexedAnswers):
         async with self.db.transaction() as tx:
             # The index as it stands inside the transaction: a delete of another type of
             # this user may have written its rows while this one waited for the store.
-            as_of = self.index.fresh_token(user_id)
-            had_rows = self.index.devices_of(user_id)
+            as_of, had_rows = self.index.plan(user_id)
             vanished = sorted(had_rows - set(devices))
             found = await tx.fetchone(
                 "INSERT INTO account_data_tombstones"
@@ -338,8 +337,7 @@ class SqlStore(IndexedAnswers):
                 # remove the delete itself as an "earlier" one of its type.
                 return
             user_id, room_id, account_data_type, _, earlier, has_rows = found
-            as_of = self.index.fresh_token(user_id)
-            had_rows = self.index.devices_of(user_id)
+            as_of, had_rows = self.index.plan(user_id)
             # The statements the query shows would change nothing are spared. No settled
             # delete of the type can appear after it: every write of a type holds the
             # type's lock (across instances, on a shared database).
@@ -371,8 +369,7 @@ class SqlStore(IndexedAnswers):
     ) -> int:
         key = (user_id, room_id, account_data_type)
         async with self.db.transaction(durable=False) as tx:
-            as_of = self.index.fresh_token(user_id)
-            had_rows = self.index.devices_of(user_id)
+            as_of, had_rows = self.index.plan(user_id)
             found = await tx.fetchone(
                 f"SELECT stream_id FROM account_data_tombstones WHERE {_SAME_TYPE} AND state = 'done'", key
             )
