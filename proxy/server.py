@@ -114,6 +114,14 @@ class _MatrixRequestHandler(web.RequestHandler):
         response.force_close()  # as aiohttp does: what follows on the connection is not trusted
         return response
 
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 (aiohttp's signature)
+        # aiohttp closes the connections it knows as shutdown begins (`close`: an idle one
+        # stops waiting for its next request). One accepted just after that, as the
+        # listener closed, would wait for a first request it no longer reads, and its
+        # client would hang for the whole grace: it is closed the same way here.
+        self.close()
+        await super().shutdown(timeout)
+
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:

@@ -17,6 +17,7 @@ import aiohttp
 from proxy.server import ProxyServer
 from rig import REPO_ROOT
 from rig.proxy_process import ProxyProcess
+from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver
 
 ALICE = "@alice:fake.test"
@@ -78,6 +79,28 @@ async def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(
     assert "next_batch" in await response.json()
     response.release()
     assert await wait_for_exit(proxy.process, 10) == 0
+
+
+async def test_a_connection_that_arrives_as_shutdown_begins_is_closed_not_held_for_the_grace(
+    fake_hs: FakeHomeserver, start_proxy: StartProxy
+) -> None:
+    """aiohttp closes the connections it knows when shutdown begins; one accepted just
+    after that (the listener closes a moment before) waited for a request it would never
+    read, and its client hung for the whole grace. The connection handler now ends it."""
+    proxy = await start_proxy(fake_hs.url, proxy={"shutdown_grace": 20})
+    server = proxy._runner.server  # aiohttp's Server: the connections it knows
+    assert server is not None
+    server.pre_shutdown()  # as the runner's cleanup does, right after closing the listener
+    host, port = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    async with asyncio.timeout(10):
+        while not server.connections:  # noqa: ASYNC110 (aiohttp registers it on its own)
+            await asyncio.sleep(0.01)
+
+    async with asyncio.timeout(5):  # the grace is 20 s
+        await server.shutdown(proxy.config.proxy.shutdown_grace)
+        assert await reader.read() == b""  # closed, nothing answered
+    writer.close()
 
 
 async def test_sigterm_cuts_long_polls_after_the_grace(
