@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import Config
+from .confirmed import ConfirmedTombstones
 from .filter_cache import FilterCache
 from .forward import Upstream
 from .identity import Identity
@@ -30,6 +31,8 @@ class Context:
     type_locks: TypeLocks = field(init=False)
     # Store writes the homeserver already made true, retried until the store takes them.
     repairs: Repairs = field(init=False)
+    # Tombstones the homeserver is known to agree with (see `confirmed.py`).
+    confirmed: ConfirmedTombstones = field(default_factory=ConfirmedTombstones)
     # user_id -> when its device list was last compared with its rows (monotonic).
     device_sweeps: dict[str, float] = field(default_factory=dict)
 

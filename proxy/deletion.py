@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Coroutine
+from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -28,9 +30,11 @@ from .errors import MatrixError, ResponseError, StoreUnavailable
 from .forward import UpstreamReply
 from .homeserver_calls import account_data_path, call_as, device_ids, nudge
 from .identity import Requester
+from .records import PendingDelete
 from .repairs import TypeKey
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def is_empty_object(raw: bytes) -> bool:
@@ -199,7 +203,7 @@ async def _echo_to_the_deleting_device(
     the nudge wakes that sync if it is waiting at the homeserver, where nothing changed."""
     if requester.device_id is None:
         return  # an appservice acting as a user without a device: there is no sync to tell
-    await ctx.store.echo_delete(*key, requester.device_id)
+    ctx.confirmed.add(await ctx.store.echo_delete(*key, requester.device_id))
     await nudge(ctx, request, requester)
 
 
@@ -208,7 +212,57 @@ async def _commit(ctx: Context, key: TypeKey, stream_id: int) -> None:
     full disk), the delete still happened and is answered 200: its intent is on disk
     already, and the commit is retried until the store takes it."""
     await ctx.repairs.run_or_queue(key, partial(ctx.store.commit_delete, stream_id))
+    ctx.confirmed.add(stream_id)
     ctx.metrics.deletes.labels("global" if key[1] is None else "room").inc()
+
+
+async def tellable(
+    ctx: Context, request: web.Request, requester: Requester, pending: list[PendingDelete]
+) -> list[PendingDelete]:
+    """`pending` as a sync may tell it: each settled delete that this process has not
+    seen the homeserver agree with is read back first (once; see `confirmed.py`). One
+    whose type is live again is revived, and goes; one the homeserver cannot say of
+    stays unsettled for now (never injected, as an intent is)."""
+    out = []
+    for delete in pending:
+        if delete.settled and delete.stream_id not in ctx.confirmed:
+            agrees = await _confirm(ctx, request, requester, delete)
+            if agrees is False:
+                continue
+            if agrees is None:
+                delete = replace(delete, settled=False)
+        out.append(delete)
+    return out
+
+
+async def _confirm(
+    ctx: Context, request: web.Request, requester: Requester, delete: PendingDelete
+) -> bool | None:
+    """Whether the homeserver still holds `{}` (or nothing) for a settled delete's type;
+    if it holds content, the tombstone is revived. None if it cannot be told now. Under
+    the type's lock, so that no delete or revive of the type runs between the read and
+    what follows from it."""
+    key = (requester.user_id, delete.room_id, delete.account_data_type)
+    try:
+        async with ctx.type_locks.hold(key):
+            tombstone = await ctx.store.tombstone(delete.stream_id)
+            if tombstone is None or tombstone.state != "done":
+                return False  # revived, or gone with its device, while this waited
+            try:
+                reply = await call_as(ctx, request, requester, "GET", account_data_path(*key))
+            except MatrixError:
+                return None
+            if reply.status == 404 or (reply.status == 200 and is_empty_object(reply.body)):
+                ctx.confirmed.add(delete.stream_id)
+                return True
+            if reply.status != 200:
+                return None
+            log.warning("a delete whose type is live on the homeserver again was dropped (a lost revive)")
+            ctx.metrics.lost_revives.inc()
+            await ctx.repairs.run_or_queue(key, partial(ctx.store.revive, *key), revive=True)
+            return False
+    except StoreUnavailable:
+        return None  # logged by the store, once per burst
 
 
 async def _abort(ctx: Context, key: TypeKey, stream_id: int) -> None:

@@ -58,6 +58,11 @@ class Metrics:
             ["via"],
             registry=r,
         )
+        self.lost_revives = Counter(
+            "msc3391_proxy_lost_revives",
+            "Tombstones dropped because the homeserver holds their type again (a revive the store missed)",
+            registry=r,
+        )
         self.injected = Counter(
             "msc3391_proxy_injected_entries", "Deletion entries added to /sync responses", registry=r
         )

@@ -83,7 +83,7 @@ async def sliding_sync(ctx: Context, request: web.Request, params: dict[str, str
     plain = decode_body(answer, upstream.headers.get("Content-Encoding"))
     if not pending_now and not may_hold_deletions(plain):
         return body_response(upstream, answer, decoded=False)
-    pending = await pending_for(ctx, requester)
+    pending = await pending_for(ctx, request, requester)
     with gc_paused():
         job = _Rewrite(ctx, request, requester, _Request.of(raw), pos, pending)
         return await _rewrite(job, upstream, answer, plain)

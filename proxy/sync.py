@@ -73,7 +73,7 @@ async def sync(ctx: Context, request: web.Request, params: dict[str, str]) -> we
     if not pending_now and not may_hold_deletions(plain):
         return body_response(upstream, raw, decoded=False)
 
-    pending = await pending_for(ctx, requester)
+    pending = await pending_for(ctx, request, requester)
     with gc_paused():
         job = _Rewrite(ctx, request, requester, pending, since, full_state)
         return await _rewrite(job, upstream, raw, plain)

@@ -13,6 +13,7 @@ from typing import TypeVar
 from aiohttp import web
 
 from .context import Context
+from .deletion import tellable
 from .errors import ResponseError, StoreUnavailable
 from .homeserver_calls import device_ids
 from .identity import Requester
@@ -60,13 +61,16 @@ def must_read(ctx: Context, requester: Requester) -> bool:
     return ctx.store.nudged(requester.user_id, device_id)
 
 
-async def pending_for(ctx: Context, requester: Requester) -> list[PendingDelete]:
-    """What this device has to learn, but a type whose revive waits for the store: that
-    one is live on the homeserver, and must never be told deleted."""
+async def pending_for(ctx: Context, request: web.Request, requester: Requester) -> list[PendingDelete]:
+    """What this device has to learn, but a type that is live on the homeserver, which
+    must never be told deleted: one whose revive waits for the store, or one whose
+    tombstone the homeserver contradicts (`deletion.tellable`)."""
     if requester.device_id is None or not ctx.store.has_pending(requester.user_id, requester.device_id):
         return []
     pending = await best_effort(ctx.store.pending_for_device(requester.user_id, requester.device_id), [])
-    return [p for p in pending if not ctx.repairs.reviving(requester.user_id, p.room_id, p.account_data_type)]
+    user_id = requester.user_id
+    waiting = [p for p in pending if not ctx.repairs.reviving(user_id, p.room_id, p.account_data_type)]
+    return await tellable(ctx, request, requester, waiting)
 
 
 async def sweep_vanished_devices(ctx: Context, request: web.Request, requester: Requester) -> None:

@@ -532,6 +532,64 @@ async def test_a_revive_the_store_cannot_take_is_answered_200_and_retried(
     assert carried(await sync(http, proxy.url, THIRD, hs.next_batch)) == []
 
 
+async def test_a_revive_lost_with_its_process_does_not_make_a_live_type_look_deleted(
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    """The store refused a revive, and the proxy stopped before it took writes again:
+    the queued revive went with the process, and the tombstone and its rows outlived
+    it, while the homeserver holds the content. The next process must not tell a
+    device the type is deleted: it reads the type back first and drops the tombstone."""
+    proxy = await start_proxy(hs.url)
+    store = proxy.config.store.path
+    status, _, _ = await call(http, proxy.url, "DELETE", DELETE)
+    assert status == 200
+    await proxy.app[CONTEXT].store.db.connection.execute("PRAGMA query_only = 1")
+    assert await put(http, proxy.url, {"v": 2}) == 200
+    await proxy.stop()
+    assert snapshot(store).rows_of(ALICE) == {(None, KIND, SECOND), (None, KIND, THIRD)}
+
+    again = await start_proxy(hs.url, store={"path": str(store)})
+    # THIRD syncs from after the write, so the homeserver's answer does not carry the
+    # type: only an injection could say anything of it.
+    assert carried(await sync(http, again.url, THIRD, hs.next_batch)) == []
+    assert hs.account_data(ALICE, KIND) == {"v": 2}
+    state = assert_consistent(store, is_live(hs))
+    assert state.empty, state
+    assert carried(await sync(http, again.url, SECOND, hs.next_batch)) == []
+
+
+async def test_a_tombstone_an_earlier_process_left_is_told_once_the_homeserver_confirms_it(
+    start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
+) -> None:
+    """A delete committed by an earlier process is read back before a sync of this one
+    tells it: while the homeserver cannot answer that read, the delete waits (the row
+    stays); once it answers `{}`, the delete is told, and read back no more. A delete
+    this process committed itself is told without a read."""
+    proxy = await start_proxy(hs.url)
+    store = proxy.config.store.path
+    status, _, _ = await call(http, proxy.url, "DELETE", DELETE)
+    assert status == 200
+    await proxy.stop()
+
+    again = await start_proxy(hs.url, store={"path": str(store)})
+    reads = len(hs.requests_to(ACCOUNT_DATA, method="GET"))
+    hs.fault(ACCOUNT_DATA, method="GET", status=500, json=MATRIX_500, times=1)
+    assert carried(await sync(http, again.url, THIRD, hs.next_batch)) == []
+    assert snapshot(store).rows_of(ALICE) == {(None, KIND, SECOND), (None, KIND, THIRD)}
+    assert carried(await sync(http, again.url, THIRD, hs.next_batch)) == [{"type": KIND, "content": {}}]
+    assert carried(await sync(http, again.url, SECOND, hs.next_batch)) == [{"type": KIND, "content": {}}]
+    assert len(hs.requests_to(ACCOUNT_DATA, method="GET")) == reads + 2  # the failed read, one more
+
+    fresh = "org.example.fresh"
+    hs.set_account_data(ALICE, fresh, {"v": 1})
+    status, _, _ = await call(http, again.url, "DELETE", account_data_path(MSC3391, ALICE, fresh))
+    assert status == 200
+    fresh_reads = len(hs.requests_to(r"/account_data/org\.example\.fresh$", method="GET"))
+    body = await sync(http, again.url, THIRD, hs.next_batch)
+    assert {"type": fresh, "content": {}} in body["account_data"]["events"]
+    assert len(hs.requests_to(r"/account_data/org\.example\.fresh$", method="GET")) == fresh_reads
+
+
 async def test_a_delete_whose_commit_the_store_refuses_is_answered_200_and_committed_later(
     start_proxy: StartProxy, hs: FakeHomeserver, http: aiohttp.ClientSession
 ) -> None:

@@ -31,6 +31,8 @@ from rig.proxy_process import ProxyProcess, nginx_config
 from rig.synapse import SynapseServer
 from tests.matrix import MSC3391, Device, Reply, account_data_path, empty_entries, entries_of, request
 from tests.rig_fixtures import POSTGRES_TEST_USER
+from tests.sliding_client import Connection
+from tests.sliding_client import entries_of as sliding_entries_of
 from tests.store_check import Snapshot, consistency_problems, postgres_snapshot
 from tests.test_differential_synapse import (
     MAIN_DIFFERENCES,
@@ -233,6 +235,44 @@ async def test_a_revive_through_one_instance_is_seen_through_the_other(
     assert (reply.status, reply.body) == (200, {"v": 2})
     state = await d.snapshot()
     assert state.tombstones_of(first.user_id) == set() and state.rows_of(first.user_id) == set()
+
+
+@pytest.mark.parametrize("kind", ["sync", "sliding-sync"])
+async def test_a_tombstone_the_homeserver_contradicts_is_dropped_not_told_by_another_instance(
+    deployment: Deployment, http: aiohttp.ClientSession, accounts: Accounts, kind: str
+) -> None:
+    """A revive the store never recorded (its instance's store failed, and the instance
+    stopped before it recovered) leaves a tombstone for a type that is live on Synapse.
+    The instance that did not make the delete reads the type back before it tells it,
+    finds the content, and drops the tombstone: no device is told a live type is gone."""
+    d = deployment
+    first, second = await accounts(2)
+    writer, follower = Device(http, d.a.url, first), Device(http, d.b.url, second)
+    connection = Connection(follower)
+    assert (await writer.put(KIND, {"v": 1})).status == 200
+
+    async def follow() -> list[dict[str, Any]]:  # through B
+        if kind == "sync":
+            return entries_of(await follower.sync(), KIND, None)
+        return sliding_entries_of(await connection.sync(), KIND)
+
+    if kind == "sync":
+        await follower.sync(initial=True)
+    else:
+        await connection.sync(first=True)
+    assert (await writer.delete(KIND)).status == 200  # through A
+    # What the lost revive leaves: the content on Synapse, the tombstone in the store.
+    path = account_data_path("/_matrix/client/v3", first.user_id, KIND)
+    revived = await request(http, "PUT", d.synapse.url + path, token=first.access_token, body={"v": 2})
+    assert revived.status == 200
+    assert (await d.snapshot()).rows_of(first.user_id) == {(None, KIND, second.device_id)}
+
+    # Synapse's own answer carries the content; the next one carries nothing.
+    assert await follow() == [{"type": KIND, "content": {"v": 2}}]
+    assert await follow() == []
+    state = await d.snapshot()
+    assert state.tombstones_of(first.user_id) == set() and state.rows_of(first.user_id) == set()
+    assert await d.homeserver_holds(http, first, KIND) == {"v": 2}
 
 
 async def test_an_echo_and_its_nudge_sent_by_one_instance_are_delivered_and_stripped_by_the_other(
