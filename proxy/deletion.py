@@ -20,6 +20,7 @@ import json
 import logging
 from collections.abc import Coroutine
 from dataclasses import replace
+from enum import Enum
 from functools import partial
 from typing import Any, TypeVar
 
@@ -42,6 +43,23 @@ def is_empty_object(raw: bytes) -> bool:
         return json.loads(raw) == {}
     except ValueError:
         return False
+
+
+class Held(Enum):
+    """What the homeserver's answer to a GET of one type says it holds."""
+
+    NOTHING = "nothing"  # 404: never set (or deleted, by a homeserver with MSC3391 of its own)
+    EMPTY = "empty"  # 200 `{}`: deleted
+    CONTENT = "content"  # 200 with content: live
+    UNKNOWN = "unknown"  # any other answer: it cannot say now
+
+
+def held(reply: UpstreamReply) -> Held:
+    if reply.status == 404:
+        return Held.NOTHING
+    if reply.status != 200:
+        return Held.UNKNOWN
+    return Held.EMPTY if is_empty_object(reply.body) else Held.CONTENT
 
 
 async def settle_orphans(ctx: Context, request: web.Request, requester: Requester) -> None:
@@ -160,7 +178,8 @@ async def _read_and_begin(
         if intent is not None:  # cancelled at shutdown, or a bug: settled later
             intent.add_done_callback(partial(_orphan_if_begun, ctx, key[0]))
         raise
-    if current.status == 404 or (current.status == 200 and is_empty_object(current.body)):
+    value = held(current)
+    if value in (Held.NOTHING, Held.EMPTY):
         # Never set, or deleted already: as in Synapse, the homeserver is not written
         # and no other device is told again. The device that asked is: a client
         # deleting with `PUT {}` waits for the deletion to come back over its sync
@@ -168,7 +187,7 @@ async def _read_and_begin(
         await _withdraw(ctx, key, intent)
         await _echo_to_the_deleting_device(ctx, request, requester, key)
         return None
-    if current.status != 200:
+    if value is Held.UNKNOWN:
         # Whether there is anything to delete is unknown: the homeserver's error goes
         # back rather than a guess (a `{}` written for a type never set).
         await _withdraw(ctx, key, intent)
@@ -252,11 +271,12 @@ async def _confirm(
                 reply = await call_as(ctx, request, requester, "GET", account_data_path(*key))
             except MatrixError:
                 return None
-            if reply.status == 404 or (reply.status == 200 and is_empty_object(reply.body)):
+            value = held(reply)
+            if value is Held.UNKNOWN:
+                return None
+            if value is not Held.CONTENT:
                 ctx.confirmed.add(delete.stream_id)
                 return True
-            if reply.status != 200:
-                return None
             log.warning("a delete whose type is live on the homeserver again was dropped (a lost revive)")
             ctx.metrics.lost_revives.inc()
             await ctx.repairs.run_or_queue(key, partial(ctx.store.revive, *key), revive=True)
@@ -304,10 +324,11 @@ async def _settle_held(
         ctx.store.mark_orphaned(tombstone.user_id, stream_id)
         return None
     key = (tombstone.user_id, tombstone.room_id, tombstone.account_data_type)
-    if reply.status == 200 and is_empty_object(reply.body):
+    value = held(reply)
+    if value is Held.EMPTY:
         await _commit(ctx, key, stream_id)
         return True
-    if reply.status in (200, 404):
+    if value is not Held.UNKNOWN:
         await _abort(ctx, key, stream_id)
         return False
     ctx.store.mark_orphaned(tombstone.user_id, stream_id)
