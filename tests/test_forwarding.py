@@ -11,15 +11,21 @@ import contextlib
 import gzip
 import hashlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import pytest
+from aiohttp import web
 from yarl import URL
 
+from proxy.config import parse_config
+from proxy.forward import Upstream
+from proxy.metrics import Metrics
 from proxy.server import ProxyServer
 from tests.conftest import StartProxy
 from tests.fake_homeserver import FakeHomeserver, gzip_payload, pattern_chunks, pattern_sha256
@@ -511,6 +517,53 @@ async def test_client_disconnect_cancels_the_upstream_request(
 
     await asyncio.wait_for(fake_hs.handler_cancelled.wait(), 5)
     assert [r.path for r in fake_hs.cancelled] == ["/_fake/hang"]
+
+
+async def test_a_client_gone_just_before_a_whole_body_is_written_is_no_error(
+    fake_hs: FakeHomeserver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The window between a handler's last await and its write: the client's hang-up
+    has closed the transport but not yet cancelled the handler (aiohttp does that a
+    loop turn later). Closing the transport by hand, with that cancellation off, puts
+    the write inside the window every time. Nobody is left to answer: not a 502, nor a
+    warning that the homeserver is unreachable (what the write's error was taken for)."""
+    upstream = Upstream(parse_config({"upstream": {"url": fake_hs.url}}, tmp_path), Metrics())
+    await upstream.start()
+    forwarded: asyncio.Future[web.StreamResponse] = asyncio.get_running_loop().create_future()
+
+    async def hangs_up_then_forwards(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.close()
+        try:
+            response = await upstream.forward(request)
+        except BaseException as e:
+            forwarded.set_exception(e)
+            raise
+        forwarded.set_result(response)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{path:.*}", hangs_up_then_forwards)
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        # Known length, above the size whose headers go apart from the body, so the
+        # answer is read whole and written by `_answer_whole`.
+        size = 256 * 1024
+        with caplog.at_level(logging.WARNING, logger="proxy"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET /_fake/download?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing sent
+            writer.close()
+            response = await asyncio.wait_for(forwarded, 10)
+        assert response.status == 200 and response.content_length == size
+        assert len(fake_hs.requests_to(r"^/_fake/download$")) == 1
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("proxy")] == []
+    finally:
+        await runner.cleanup()
+        await upstream.close()
 
 
 # --- /sync long-polls --------------------------------------------------------------------
