@@ -62,6 +62,16 @@ def held(reply: UpstreamReply) -> Held:
     return Held.EMPTY if is_empty_object(reply.body) else Held.CONTENT
 
 
+async def _held_now(ctx: Context, request: web.Request, requester: Requester, key: TypeKey) -> Held:
+    """What the homeserver holds for `key`, asked as the caller; a homeserver that
+    cannot be reached cannot say either."""
+    try:
+        reply = await call_as(ctx, request, requester, "GET", account_data_path(*key))
+    except MatrixError:
+        return Held.UNKNOWN
+    return held(reply)
+
+
 async def settle_orphans(ctx: Context, request: web.Request, requester: Requester) -> None:
     """Settle the deletes of this user that an earlier process (or a write whose outcome
     stayed unknown) left open: every owned request of the user does this first."""
@@ -267,11 +277,7 @@ async def _confirm(
             tombstone = await ctx.store.tombstone(delete.stream_id)
             if tombstone is None or tombstone.state != "done":
                 return False  # revived, or gone with its device, while this waited
-            try:
-                reply = await call_as(ctx, request, requester, "GET", account_data_path(*key))
-            except MatrixError:
-                return None
-            value = held(reply)
+            value = await _held_now(ctx, request, requester, key)
             if value is Held.UNKNOWN:
                 return None
             if value is not Held.CONTENT:
@@ -312,19 +318,8 @@ async def _settle_held(
     tombstone = await ctx.store.tombstone(stream_id)
     if tombstone is None or tombstone.state != "pending":
         return None  # settled by another request while this one waited for the lock
-    try:
-        reply = await call_as(
-            ctx,
-            request,
-            requester,
-            "GET",
-            account_data_path(tombstone.user_id, tombstone.room_id, tombstone.account_data_type),
-        )
-    except MatrixError:
-        ctx.store.mark_orphaned(tombstone.user_id, stream_id)
-        return None
     key = (tombstone.user_id, tombstone.room_id, tombstone.account_data_type)
-    value = held(reply)
+    value = await _held_now(ctx, request, requester, key)
     if value is Held.EMPTY:
         await _commit(ctx, key, stream_id)
         return True
