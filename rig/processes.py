@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import pwd
+import random
 import signal
 import socket
 import subprocess
@@ -57,8 +58,38 @@ def file_lock(path: Path) -> Iterator[None]:
 # --- ports ---------------------------------------------------------------------------------
 
 
+# Below the kernel's range for the local ports of outgoing connections, above the ports
+# that services (and the demo's 8008, 8009, 9109) are given by hand.
+_LOWEST_PICKED = 15000
+_handed_out: set[int] = set()
+
+
+def outgoing_port_range() -> range:
+    """The ports Linux gives to the local end of outgoing connections (and to a bind on
+    port 0): `net.ipv4.ip_local_port_range`, or its default where it cannot be read."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the OS's choice)."""
+    """A port nobody listens on right now, for a server started soon after.
+
+    Picked outside `outgoing_port_range()`, not left to the OS: the OS's choice comes
+    from that range, where any connection made before the server binds can take it as
+    its own end (seen: a proxy refused `address already in use` at start-up while its
+    store's pool and Synapse were connecting). Outside it, only a listener can hold a
+    port, and the bind below finds those. Never the same port twice in one process, so
+    two servers asked for before either starts get two."""
+    below = range(_LOWEST_PICKED, outgoing_port_range().start)
+    for _ in range(200 if below else 0):
+        port = random.choice(below)
+        if port not in _handed_out and port_is_free(port, host):
+            _handed_out.add(port)
+            return port
+    # A kernel whose outgoing range leaves nothing below it: the OS's choice after all.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
