@@ -84,12 +84,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     port, and the bind below finds those. Never the same port twice in one process, so
     two servers asked for before either starts get two."""
     below = range(_LOWEST_PICKED, outgoing_port_range().start)
-    for _ in range(200 if below else 0):
-        port = random.choice(below)
+    for attempt in range(400):
+        # Once the ports below the range are all taken (or there are none, on a kernel
+        # whose range starts lower): the OS's choice after all.
+        port = random.choice(below) if below and attempt < 200 else _os_choice(host)
         if port not in _handed_out and port_is_free(port, host):
             _handed_out.add(port)
             return port
-    # A kernel whose outgoing range leaves nothing below it: the OS's choice after all.
+    raise RuntimeError(f"no free port on {host}")
+
+
+def _os_choice(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

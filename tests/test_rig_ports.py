@@ -18,9 +18,11 @@ def _kernel_outgoing_range() -> range:
 
 def test_a_free_port_is_outside_the_range_of_outgoing_connections_and_bindable() -> None:
     outgoing = _kernel_outgoing_range()
+    # A kernel whose range starts below the rig's lowest pick leaves only the OS's choice.
+    room_below = outgoing.start > processes._LOWEST_PICKED
     for _ in range(50):
         port = free_port()
-        assert port not in outgoing
+        assert (port not in outgoing) if room_below else port in outgoing
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
             server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             server.bind(("127.0.0.1", port))
@@ -75,3 +77,14 @@ def test_no_port_is_handed_out_twice_in_one_process() -> None:
     # must not be given one port.
     picked = [free_port() for _ in range(500)]
     assert len(set(picked)) == len(picked)
+
+
+def test_on_a_kernel_whose_range_leaves_nothing_below_the_os_chooses_and_never_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(processes, "outgoing_port_range", lambda: range(1024, 65536))
+    monkeypatch.setattr(processes, "_handed_out", set())
+    picked = [free_port() for _ in range(200)]
+    assert len(set(picked)) == len(picked)
+    for port in picked[:20]:
+        _listen(port).close()
