@@ -12,6 +12,7 @@ from rig.processes import free_port
 
 
 def _kernel_outgoing_range() -> range:
+    # Read here, not through `processes.outgoing_port_range`: the tests check that helper's use.
     low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     return range(low, high + 1)
 
